@@ -1,0 +1,2 @@
+//! vfio-user protocol: sans-IO codec, server hosting any device, and a client implementing MigrationDevice.
+#![forbid(unsafe_code)]
