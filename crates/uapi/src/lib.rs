@@ -18,4 +18,4 @@ mod state;
 
 pub use errno::Errno;
 pub use features::{Feature, FeaturesError, MigrationFeatures};
-pub use state::{DeviceState, UnknownState};
+pub use state::{DeviceState, ParseStateError, UnknownState};

@@ -205,8 +205,6 @@ impl<'de> serde::Deserialize<'de> for DeviceState {
     }
 }
 
-pub use ParseStateError as StateNameError;
-
 #[cfg(test)]
 mod tests {
     use super::*;
