@@ -1,0 +1,1 @@
+//! The conformance suite: checks any [`crate::MigrationDevice`] against the uAPI's rules.
