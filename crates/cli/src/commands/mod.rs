@@ -1,0 +1,33 @@
+//! One module per `vfio-mig` command.
+//!
+//! To add a command `foo`: create `foo.rs` (or `foo/mod.rs`) with a clap `Args` (or
+//! `Subcommand`) type and `pub fn run(args, ctx: &Context, out: &mut dyn Write) ->
+//! anyhow::Result<()>`; add `pub mod foo;` here, a variant to [`Command`] (its doc comment
+//! is the command's help line) and one arm to [`Command::run`]. Errors go back as
+//! `anyhow::Error`: the top level prints them and maps them to exit codes (see
+//! [`crate::exit`]).
+
+use std::io::Write;
+
+use clap::Subcommand;
+
+use crate::app::Context;
+
+pub mod fsm;
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explore the migration state machine: next step, whole paths, tables, graphs.
+    #[command(subcommand)]
+    Fsm(fsm::FsmCommand),
+}
+
+impl Command {
+    /// Runs the command, writing its normal output to `out`.
+    pub fn run(self, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
+        match self {
+            Command::Fsm(cmd) => fsm::run(cmd, ctx, out),
+        }
+    }
+}

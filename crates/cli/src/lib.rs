@@ -1,0 +1,13 @@
+//! The `vfio-mig` command-line tool: argument parsing, output and wiring. No protocol logic
+//! lives here; commands call into the library crates.
+//!
+//! Layout: [`app`] owns the top-level parser, the global flags and the error/exit-code policy;
+//! [`commands`] has one module per command, each exposing its clap arguments and a `run`
+//! function that [`commands::Command::run`] dispatches to.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod commands;
+pub mod exit;
+
+pub use app::main;
