@@ -93,7 +93,7 @@ struct Core {
     record_start: u64,
     unit: Unit,
     stream: Option<StreamState>,
-    /// CRC of the header and every frame before END.
+    /// The chain CRC: header and frames before END, each without its own CRC.
     chain: crc32fast::Hasher,
 }
 
@@ -236,8 +236,8 @@ impl Decoder {
         if let Unit::Done(outcome) = &self.core.unit {
             return Ok(outcome.clone());
         }
-        let kind = self.truncation();
-        Err(self.core.fail(self.core.offset, kind))
+        let (offset, kind) = self.truncation();
+        Err(self.core.fail(offset, kind))
     }
 
     /// Fails for a decoder that has failed, and for `n > 0` new bytes after the end.
@@ -277,16 +277,16 @@ impl Decoder {
         self.core.process(&self.buf[..need])
     }
 
-    /// What was missing when the input ended before the stream did.
-    fn truncation(&self) -> DecodeErrorKind {
+    /// What was missing when the input ended before the stream did, and where (a partial
+    /// header that already differs from the magic is reported as bad magic at offset 0).
+    fn truncation(&self) -> (u64, DecodeErrorKind) {
         let have = self.filled;
         let expected = match &self.core.unit {
             Unit::Header => {
                 let prefix = &self.buf[..have.min(MAGIC.len())];
                 if prefix != &MAGIC[..prefix.len()] {
-                    return DecodeErrorKind::BadMagic {
-                        found: prefix.to_vec(),
-                    };
+                    let found = prefix.to_vec();
+                    return (0, DecodeErrorKind::BadMagic { found });
                 }
                 if have == 0 {
                     format!("the {HEADER_LEN}-byte stream header, but the stream is empty")
@@ -325,7 +325,7 @@ impl Decoder {
             // Handled by the callers.
             Unit::Done(_) | Unit::Failed(_) => String::new(),
         };
-        DecodeErrorKind::Truncated { expected }
+        (self.core.offset, DecodeErrorKind::Truncated { expected })
     }
 }
 
@@ -431,7 +431,9 @@ impl Core {
                 limit: MAX_PRODUCER_LEN as u64,
             });
         }
-        self.chain.update(b);
+        // Not the header's own CRC: a message followed by its own CRC leaves a CRC register
+        // in a state that does not depend on the message, so it would add nothing.
+        self.chain.update(&b[..32]);
         if fixed.producer_len == 0 {
             return self.producer(&fixed, &[]);
         }
@@ -585,7 +587,7 @@ impl Core {
             });
         }
         if record != RecordType::End {
-            self.chain.update(b);
+            self.chain.update(&b[..16]);
         }
         if frame.body_len == 0 {
             return self.body(&frame, record, &[]);

@@ -53,7 +53,7 @@ pub struct Encoder {
     devices: Vec<DeviceProgress>,
     bytes: u64,
     chunks: u64,
-    /// CRC of the header and every frame so far (the END record's chain checksum).
+    /// The END record's chain CRC so far: header and frames, each without its own CRC.
     chain: crc32fast::Hasher,
     finished: bool,
 }
@@ -101,8 +101,10 @@ impl Encoder {
             producer_crc: crc32(config.producer.as_bytes()),
         }
         .encode();
+        // The chain leaves out each part's own CRC: a message followed by its own CRC leaves
+        // a CRC register in a state that does not depend on the message.
         let mut chain = crc32fast::Hasher::new();
-        chain.update(&header);
+        chain.update(&header[..32]);
         out.extend_from_slice(&header);
         out.extend_from_slice(config.producer.as_bytes());
 
@@ -122,7 +124,7 @@ impl Encoder {
                 body_crc: crc32(body),
             }
             .encode();
-            chain.update(&frame);
+            chain.update(&frame[..16]);
             out[body_start - FRAME_LEN..body_start].copy_from_slice(&frame);
         }
 
@@ -312,7 +314,7 @@ impl Encoder {
             body_crc: crc,
         }
         .encode();
-        self.chain.update(&frame);
+        self.chain.update(&frame[..16]);
         frame
     }
 
@@ -329,7 +331,7 @@ impl Encoder {
         .encode();
         // The END frame itself is not part of the chain it carries.
         if record != RecordType::End {
-            self.chain.update(&frame);
+            self.chain.update(&frame[..16]);
         }
         out.extend_from_slice(&frame);
         out.extend_from_slice(body);

@@ -57,8 +57,11 @@
 //!   chunks (`u64` each); they must equal what the stream carried for the device. Nothing
 //!   for the device may follow.
 //! * **END** (24 bytes): total DATA bytes `u64`, total chunks `u64`, device count `u32`, and
-//!   the *chain CRC* `u32`: the CRC of the 36 header bytes followed by every record frame
-//!   (20 bytes each) before the END record, in stream order. Every device must have ended.
+//!   the *chain CRC* `u32`: the CRC of header bytes 0..32 followed by bytes 0..16 of every
+//!   record frame before the END record, in stream order. (Each part's own CRC is left
+//!   out: a message followed by its own CRC leaves a CRC register in a state independent
+//!   of the message, so including it would make the chain blind to the frames' contents.)
+//!   Every device must have ended.
 //! * **ABORT** (0 to 1024 bytes): the source's reason, UTF-8. The destination must discard
 //!   everything it received.
 //!

@@ -288,7 +288,8 @@ pub struct StreamTotals {
     pub chunks: u64,
     /// Number of devices.
     pub devices: u32,
-    /// CRC-32 over the header and every record frame before END (see the format document).
+    /// CRC-32 over the header and every record frame before END, each without its own CRC
+    /// (see the format description in the crate documentation).
     pub chain_crc: u32,
 }
 
