@@ -1,2 +1,4 @@
 //! vfio-user protocol: sans-IO codec, server hosting any device, and a client implementing MigrationDevice.
 #![forbid(unsafe_code)]
+
+pub mod codec;
