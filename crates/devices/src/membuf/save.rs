@@ -1,0 +1,323 @@
+//! The saving side: produce the stream straight from the state buffer, no staging copy.
+//!
+//! The stream is an initial pass over the whole buffer in [`RECORD_MAX`] records, then (while
+//! the device runs in PRE_COPY, and once more after it stops) records for the pages dirtied
+//! after they were copied, then, only once the device is stopped and nothing is left, the
+//! trailer with the digest of the final state.
+//!
+//! Dirty tracking is exact with respect to copying: the worker marks page `p` dirty when it
+//! rewrites it after the first byte of `p` was copied out (for the initial pass: when
+//! `p * PAGE_SIZE < initial_pos`), and the bit of a dirty page is cleared when its first byte
+//! is copied. Both happen under the state lock, so a page is never both stale and clean.
+
+use vfio_mig_device::PrecopyInfo;
+
+use super::content::{digest, PageBitmap};
+use super::format::{
+    record_headers, RecordHeader, StreamHeader, Trailer, HEADER_LEN, PAGE_SIZE, RECORD_HEADER_LEN,
+    RECORD_MAX, TRAILER_LEN,
+};
+
+const PAGES_PER_RECORD: u64 = RECORD_MAX / PAGE_SIZE;
+
+/// What the pending small piece of framing belongs to, for precopy accounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Initial,
+    Dirty,
+    Trailer,
+}
+
+/// A run of state bytes being copied out.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    pos: u64,
+    end: u64,
+    initial: bool,
+}
+
+/// One saving session (PRE_COPY -> ... -> STOP_COPY, or STOP_COPY alone).
+#[derive(Debug)]
+pub(crate) struct SaveSession {
+    size: u64,
+    seed: u64,
+    /// Framing bytes (header, record header or trailer) being emitted.
+    small: [u8; HEADER_LEN],
+    small_len: usize,
+    small_sent: usize,
+    small_kind: Framing,
+    header_done: bool,
+    run: Option<Run>,
+    /// State bytes of the initial pass copied out so far.
+    initial_pos: u64,
+    /// Header and record-header bytes of the initial pass not yet emitted.
+    initial_framing_left: u64,
+    /// Where the next dirty scan starts (round-robin, so no region starves).
+    scan_page: u64,
+    /// The device is stopped: once everything is sent, the trailer follows.
+    stopped: bool,
+    trailer_done: bool,
+    data_bytes: u64,
+}
+
+impl SaveSession {
+    pub(crate) fn new(size: u64, seed: u64, stopped: bool) -> Self {
+        SaveSession {
+            size,
+            seed,
+            small: [0; HEADER_LEN],
+            small_len: 0,
+            small_sent: 0,
+            small_kind: Framing::Initial,
+            header_done: false,
+            run: None,
+            initial_pos: 0,
+            initial_framing_left: HEADER_LEN as u64 + record_headers(size),
+            scan_page: 0,
+            stopped,
+            trailer_done: false,
+            data_bytes: 0,
+        }
+    }
+
+    /// The device stopped (PRE_COPY -> STOP_COPY): the stream will end with a trailer.
+    pub(crate) fn mark_stopped(&mut self) {
+        self.stopped = true;
+    }
+
+    /// Whether a rewrite of `page` now must be sent again.
+    pub(crate) fn needs_resend(&self, page: u64) -> bool {
+        page * PAGE_SIZE < self.initial_pos
+    }
+
+    /// Copies the next bytes of the stream into `out`; 0 when there is nothing (more).
+    pub(crate) fn read(&mut self, state: &[u8], dirty: &mut PageBitmap, out: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            if self.small_sent < self.small_len {
+                let k = (self.small_len - self.small_sent).min(out.len() - n);
+                out[n..n + k].copy_from_slice(&self.small[self.small_sent..self.small_sent + k]);
+                self.small_sent += k;
+                n += k;
+                if self.small_kind == Framing::Initial {
+                    self.initial_framing_left -= k as u64;
+                }
+                continue;
+            }
+            if let Some(run) = self.run.as_mut().filter(|r| r.pos < r.end) {
+                let k = (run.end - run.pos).min((out.len() - n) as u64);
+                let at = run.pos as usize;
+                out[n..n + k as usize].copy_from_slice(&state[at..at + k as usize]);
+                if run.initial {
+                    self.initial_pos = run.pos + k;
+                } else {
+                    // Pages whose first byte is in this copy are clean from now on.
+                    for page in run.pos.div_ceil(PAGE_SIZE)..(run.pos + k).div_ceil(PAGE_SIZE) {
+                        dirty.clear(page);
+                    }
+                }
+                run.pos += k;
+                n += k as usize;
+                self.data_bytes += k;
+                continue;
+            }
+            self.run = None;
+            if !self.next_piece(state, dirty) {
+                break;
+            }
+        }
+        n
+    }
+
+    fn load_small(&mut self, bytes: &[u8], kind: Framing) {
+        self.small[..bytes.len()].copy_from_slice(bytes);
+        self.small_len = bytes.len();
+        self.small_sent = 0;
+        self.small_kind = kind;
+    }
+
+    /// Queues the next piece of the stream; false when there is none now.
+    fn next_piece(&mut self, state: &[u8], dirty: &PageBitmap) -> bool {
+        if !self.header_done {
+            let header = StreamHeader {
+                size: self.size,
+                seed: self.seed,
+            };
+            self.load_small(&header.encode(), Framing::Initial);
+            self.header_done = true;
+            return true;
+        }
+        if self.initial_pos < self.size {
+            let end = (self.initial_pos + RECORD_MAX).min(self.size);
+            let header = RecordHeader::data(self.initial_pos, end - self.initial_pos);
+            self.load_small(&header.encode(), Framing::Initial);
+            self.run = Some(Run {
+                pos: self.initial_pos,
+                end,
+                initial: true,
+            });
+            return true;
+        }
+        if let Some(first) = dirty.next_set(self.scan_page) {
+            let mut last = first + 1;
+            while last < dirty.pages() && last - first < PAGES_PER_RECORD && dirty.is_set(last) {
+                last += 1;
+            }
+            self.scan_page = last;
+            let header = RecordHeader::data(first * PAGE_SIZE, (last - first) * PAGE_SIZE);
+            self.load_small(&header.encode(), Framing::Dirty);
+            self.run = Some(Run {
+                pos: first * PAGE_SIZE,
+                end: last * PAGE_SIZE,
+                initial: false,
+            });
+            return true;
+        }
+        if self.stopped && !self.trailer_done {
+            let trailer = Trailer {
+                digest: digest(state),
+                data_bytes: self.data_bytes,
+            };
+            self.load_small(&trailer.encode(), Framing::Trailer);
+            self.trailer_done = true;
+            return true;
+        }
+        false
+    }
+
+    /// Initial bytes still unread, and bytes dirtied since read (with their framing).
+    pub(crate) fn pending(&self, dirty: &PageBitmap) -> PrecopyInfo {
+        let small_left = (self.small_len - self.small_sent) as u64;
+        let initial_bytes = self.initial_framing_left + (self.size - self.initial_pos);
+        let mut dirty_bytes = dirty.count() * PAGE_SIZE
+            + dirty.count().div_ceil(PAGES_PER_RECORD) * RECORD_HEADER_LEN as u64;
+        if self.small_kind == Framing::Dirty {
+            dirty_bytes += small_left;
+        }
+        if let Some(run) = self
+            .run
+            .filter(|r| !r.initial && r.pos < r.end && r.pos % PAGE_SIZE != 0)
+        {
+            // The rest of a page whose bit was cleared when its copy began.
+            dirty_bytes += (PAGE_SIZE - run.pos % PAGE_SIZE).min(run.end - run.pos);
+        }
+        PrecopyInfo {
+            initial_bytes,
+            dirty_bytes,
+        }
+    }
+
+    /// Bytes still to come before the stream ends, if the device stopped now.
+    pub(crate) fn remaining(&self, dirty: &PageBitmap) -> u64 {
+        let info = self.pending(dirty);
+        let trailer = match (self.trailer_done, self.small_kind) {
+            (false, _) => TRAILER_LEN as u64,
+            (true, Framing::Trailer) => (self.small_len - self.small_sent) as u64,
+            (true, _) => 0,
+        };
+        info.initial_bytes + info.dirty_bytes + trailer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::content::generate;
+    use super::super::format::full_stream_len;
+    use super::*;
+
+    fn drain(s: &mut SaveSession, state: &[u8], dirty: &mut PageBitmap, chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = s.read(state, dirty, &mut buf);
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn stop_copy_stream_has_the_announced_length_whatever_the_read_size() {
+        let size = 3 * RECORD_MAX + 8 * PAGE_SIZE;
+        let state = generate(size, 3).unwrap();
+        let mut reference = None;
+        for chunk in [1, 7, 4096, 1 << 20, 3 << 20] {
+            let mut dirty = PageBitmap::new(size / PAGE_SIZE);
+            let mut s = SaveSession::new(size, 3, true);
+            assert_eq!(s.remaining(&dirty), full_stream_len(size));
+            let out = drain(&mut s, &state, &mut dirty, chunk);
+            assert_eq!(out.len() as u64, full_stream_len(size), "chunk {chunk}");
+            assert_eq!(s.remaining(&dirty), 0);
+            match &reference {
+                None => reference = Some(out),
+                Some(r) => assert!(r == &out, "chunk {chunk} changed the bytes"),
+            }
+        }
+    }
+
+    #[test]
+    fn precopy_accounting_falls_and_dirty_pages_are_resent() {
+        let size = 2 * RECORD_MAX;
+        let mut state = generate(size, 9).unwrap();
+        let mut dirty = PageBitmap::new(size / PAGE_SIZE);
+        let mut s = SaveSession::new(size, 9, false);
+        let start = s.pending(&dirty);
+        assert_eq!(
+            start.initial_bytes,
+            HEADER_LEN as u64 + size + 2 * RECORD_HEADER_LEN as u64
+        );
+        assert_eq!(start.dirty_bytes, 0);
+        let mut buf = vec![0u8; 1000];
+        let mut last = start.initial_bytes;
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&state, &mut dirty, &mut buf) as u64;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            let now = s.pending(&dirty).initial_bytes;
+            assert_eq!(last - now, n, "initial bytes fall by exactly what was read");
+            last = now;
+        }
+        assert_eq!(total, start.initial_bytes);
+        assert_eq!(s.pending(&dirty), PrecopyInfo::default(), "nothing now");
+        // A rewrite of an already-sent page is tracked and re-sent, in one record.
+        for page in [3u64, 4] {
+            assert!(s.needs_resend(page));
+            state[(page * PAGE_SIZE) as usize] ^= 0xff;
+            dirty.set(page);
+        }
+        let info = s.pending(&dirty);
+        assert_eq!(info.dirty_bytes, 2 * PAGE_SIZE + RECORD_HEADER_LEN as u64);
+        let out = drain(&mut s, &state, &mut dirty, 5000);
+        assert_eq!(out.len() as u64, info.dirty_bytes);
+        assert_eq!(
+            RecordHeader::decode(out[..16].try_into().unwrap()),
+            RecordHeader::data(3 * PAGE_SIZE, 2 * PAGE_SIZE)
+        );
+        assert_eq!(out[16..], state[3 * 4096..5 * 4096]);
+        s.mark_stopped();
+        assert_eq!(s.remaining(&dirty), TRAILER_LEN as u64);
+        let tail = drain(&mut s, &state, &mut dirty, 5);
+        let trailer = Trailer::decode(tail[16..].try_into().unwrap());
+        assert_eq!(trailer.digest, digest(&state));
+        assert_eq!(trailer.data_bytes, size + 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_page_rewritten_while_its_copy_is_under_way_is_resent() {
+        let size = 4 * PAGE_SIZE;
+        let state = generate(size, 1).unwrap();
+        let mut dirty = PageBitmap::new(4);
+        let mut s = SaveSession::new(size, 1, false);
+        let mut buf = vec![0u8; HEADER_LEN + RECORD_HEADER_LEN + 100];
+        assert_eq!(s.read(&state, &mut dirty, &mut buf), buf.len());
+        assert!(s.needs_resend(0), "page 0 has begun to be copied");
+        assert!(
+            !s.needs_resend(1),
+            "page 1 will be copied by the initial pass anyway"
+        );
+    }
+}
