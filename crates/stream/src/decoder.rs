@@ -151,6 +151,16 @@ impl Decoder {
         self.core.stream.as_ref().map(|s| &s.header)
     }
 
+    /// Whether the header and every DEVICE record have been decoded: from here on only
+    /// DATA, DEVICE_END, END and ABORT can follow, so this is the moment for a destination
+    /// to check every device's compatibility, before it writes anything into any device.
+    pub fn devices_complete(&self) -> bool {
+        self.core
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.declared == s.header.device_count)
+    }
+
     /// The chunks and bytes decoded so far for `device`, or `None` before the header or for
     /// an index the stream does not declare.
     pub fn device_progress(&self, device: u16) -> Option<DeviceTotals> {

@@ -6,6 +6,51 @@
 //! whole stream from any [`std::io::Read`] and describes it, and [`check_compatibility`]
 //! decides whether a destination device can take a device's state.
 //!
+//! # Example
+//!
+//! ```
+//! use vfio_mig_stream::{check_compatibility, Decoder, DeviceInfo, Encoder, Event, Outcome, Phase, StreamConfig};
+//! use vfio_mig_uapi::MigrationFeatures;
+//!
+//! let device = DeviceInfo {
+//!     name: "vfio-user:/run/src.sock".into(),
+//!     kind: "membuf".into(),
+//!     version: "1".into(),
+//!     compat: 4096u64.to_le_bytes().to_vec(),
+//!     features: MigrationFeatures::ALL,
+//!     data_size_estimate: 4096,
+//! };
+//!
+//! // Source: header and DEVICE records, then chunks as the device produces them.
+//! let mut wire = Vec::new();
+//! let mut enc = Encoder::new(&StreamConfig::default(), &[device.clone()], &mut wire)?;
+//! let state = vec![7u8; 4096];
+//! let frame = enc.chunk_frame(0, Phase::StopCopy, &state)?; // write the frame, then the payload
+//! wire.extend_from_slice(&frame);
+//! wire.extend_from_slice(&state);
+//! enc.end_device(0, &mut wire)?;
+//! enc.end(&mut wire)?;
+//!
+//! // Destination: bytes in any pieces; check every device before writing into any.
+//! let mut dec = Decoder::new();
+//! let mut received = Vec::new();
+//! let mut input = &wire[..];
+//! while !input.is_empty() {
+//!     let (n, event) = dec.feed(&input[..input.len().min(1000)])?;
+//!     match event {
+//!         Some(Event::Device { info, .. }) => {
+//!             check_compatibility(&info, &device)?;
+//!         }
+//!         Some(Event::Data(chunk)) => received.extend_from_slice(chunk.payload),
+//!         _ => {}
+//!     }
+//!     input = &input[n..];
+//! }
+//! assert!(matches!(dec.finish()?, Outcome::Complete(_)));
+//! assert_eq!(received, state);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Format, version 1
 //!
 //! All integers are little-endian. Every checksum is CRC-32 (IEEE 802.3, the zlib/PNG

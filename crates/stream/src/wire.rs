@@ -267,6 +267,13 @@ mod tests {
     }
 
     #[test]
+    fn crc_is_the_standard_crc32_and_limits_are_as_documented() {
+        // The check value of CRC-32 (IEEE), as docs/stream-format.md states it.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(MAX_DEVICE_BODY_LEN, 4885);
+    }
+
+    #[test]
     fn codes_are_stable() {
         for (t, v) in [
             (RecordType::Device, 1),

@@ -754,3 +754,34 @@ fn inspect_passes_read_errors_on() {
     }
     assert_eq!(inspect(Failing).unwrap_err().to_string(), "disk on fire");
 }
+
+#[test]
+fn devices_complete_exactly_after_the_last_device_record() {
+    let b = stream();
+    let mut dec = Decoder::new();
+    let mut input = &b[..];
+    let mut seen = Vec::new();
+    while !input.is_empty() {
+        let complete_before = dec.devices_complete();
+        let (n, event) = dec.feed(input).unwrap();
+        if let Some(event) = event {
+            let name = match event {
+                Event::Header(_) => "header",
+                Event::Device { .. } => "device",
+                _ => "other",
+            };
+            seen.push((name, complete_before, dec.devices_complete()));
+        }
+        input = &input[n..];
+    }
+    assert_eq!(
+        &seen[..4],
+        &[
+            ("header", false, false),
+            ("device", false, false),
+            ("device", false, true),
+            ("other", true, true)
+        ]
+    );
+    assert_eq!(dec.header().unwrap().device_count, 2);
+}
