@@ -1,8 +1,9 @@
 //! The decoder: turns stream bytes, in pieces of any size, into checked events.
 
 use crate::error::{DecodeError, DecodeErrorKind};
-use crate::record::Chunk;
-use crate::record::{DeviceBodyError, DeviceInfo, DeviceTotals, Event, StreamHeader, StreamTotals};
+use crate::record::{
+    Chunk, DeviceBodyError, DeviceInfo, DeviceTotals, Event, StreamHeader, StreamTotals,
+};
 use crate::wire::{
     crc32, le_u16, le_u32, le_u64, Frame, HeaderFixed, Phase, RecordType,
     DEFAULT_DECODER_MAX_CHUNK, DEVICE_END_LEN, END_LEN, FORMAT_VERSION, FRAME_LEN, HEADER_LEN,
@@ -643,8 +644,11 @@ impl Core {
                 }
             }
             RecordType::Data => {
-                // The frame check accepted the phase and the device.
-                let phase = Phase::from_u8(frame.phase).unwrap_or(Phase::StopCopy);
+                // The frame check accepted the phase already; this only avoids a panic path.
+                let phase = Phase::from_u8(frame.phase).ok_or(DecodeErrorKind::UnknownPhase {
+                    device,
+                    phase: frame.phase,
+                })?;
                 let progress = &mut stream.devices[usize::from(device)];
                 progress.next_sequence += 1;
                 progress.stop_copy_started |= phase == Phase::StopCopy;
