@@ -99,11 +99,15 @@ impl<D: Migratable> Controller<D> {
 }
 
 /// A hook that panicked leaves the device in no known state: treat it as ERROR.
+///
+/// The poison is cleared once the ERROR is recorded: a mutex stays poisoned until told
+/// otherwise, and every later lock would otherwise force ERROR again, even after a reset.
 fn lock_shared<D>(shared: &Shared<D>) -> MutexGuard<'_, Inner<D>> {
     shared.inner.lock().unwrap_or_else(|poisoned| {
         let mut guard = poisoned.into_inner();
         guard.state = DeviceState::Error;
         guard.session = None;
+        shared.inner.clear_poison();
         guard
     })
 }
@@ -355,6 +359,9 @@ impl<D: Migratable> MigrationStream for ControllerStream<D> {
                 ),
             ));
         }
-        inner.device.save_pending()
+        inner
+            .device
+            .save_pending()
+            .inspect_err(|e| note_broken(&mut inner, e))
     }
 }

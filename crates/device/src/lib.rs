@@ -28,7 +28,9 @@ mod regions;
 mod types;
 
 pub use controller::Controller;
-pub use dma::{check_logging_ranges, DirtyLog, Dma, GuestMemory, VecGuestMemory};
+pub use dma::{
+    check_logging_ranges, DirtyLog, Dma, GuestMemory, VecGuestMemory, MAX_LOGGING_RANGES,
+};
 pub use error::{DeviceError, TransitionError};
 pub use regions::{IrqInfo, RegionAccess, RegionInfo};
 pub use types::{
