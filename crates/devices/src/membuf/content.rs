@@ -148,6 +148,32 @@ impl PageBitmap {
         })
     }
 
+    /// How many records of at most `max_len` pages the set pages of `[lo, hi)` make when each
+    /// maximal run is cut greedily from its start; pages in `skip` count as unset.
+    pub(crate) fn records_in(
+        &self,
+        lo: u64,
+        hi: u64,
+        max_len: u64,
+        skip: std::ops::Range<u64>,
+    ) -> u64 {
+        let mut records = 0;
+        let mut from = lo;
+        while let Some(first) = self.first_set_in(from, hi) {
+            if skip.contains(&first) {
+                from = skip.end;
+                continue;
+            }
+            let mut end = first + 1;
+            while end < hi && !skip.contains(&end) && self.is_set(end) {
+                end += 1;
+            }
+            records += (end - first).div_ceil(max_len);
+            from = end;
+        }
+        records
+    }
+
     fn first_set_in(&self, lo: u64, hi: u64) -> Option<u64> {
         let mut page = lo;
         while page < hi {
@@ -211,5 +237,12 @@ mod tests {
         assert_eq!(m.first_unset(), Some(199));
         m.clear_all();
         assert_eq!((m.count(), m.next_set(0)), (0, None));
+        for p in (10..20).chain(30..31).chain(63..70) {
+            m.set(p);
+        }
+        assert_eq!(m.records_in(0, 200, 4, 0..0), 3 + 1 + 2);
+        assert_eq!(m.records_in(15, 200, 4, 0..0), 2 + 1 + 2);
+        assert_eq!(m.records_in(0, 200, 100, 12..16), 2 + 1 + 1);
+        assert_eq!(m.records_in(0, 64, 100, 0..0), 3);
     }
 }

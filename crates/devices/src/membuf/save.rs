@@ -189,17 +189,27 @@ impl SaveSession {
     pub(crate) fn pending(&self, dirty: &PageBitmap) -> PrecopyInfo {
         let small_left = (self.small_len - self.small_sent) as u64;
         let initial_bytes = self.initial_framing_left + (self.size - self.initial_pos);
-        let mut dirty_bytes = dirty.count() * PAGE_SIZE
-            + dirty.count().div_ceil(PAGES_PER_RECORD) * RECORD_HEADER_LEN as u64;
+        let mut dirty_bytes = dirty.count() * PAGE_SIZE;
+        let mut in_flight = 0..0;
+        if let Some(run) = self.run.filter(|r| !r.initial && r.pos < r.end) {
+            // Pages of the record being sent have their header already: they need no other.
+            in_flight = run.pos.div_ceil(PAGE_SIZE)..run.end / PAGE_SIZE;
+            // The rest of a page whose bit was cleared when its copy began.
+            if run.pos % PAGE_SIZE != 0 {
+                dirty_bytes += (PAGE_SIZE - run.pos % PAGE_SIZE).min(run.end - run.pos);
+            }
+        }
         if self.small_kind == Framing::Dirty {
             dirty_bytes += small_left;
         }
-        if let Some(run) = self
-            .run
-            .filter(|r| !r.initial && r.pos < r.end && r.pos % PAGE_SIZE != 0)
-        {
-            // The rest of a page whose bit was cleared when its copy began.
-            dirty_bytes += (PAGE_SIZE - run.pos % PAGE_SIZE).min(run.end - run.pos);
+        if dirty.count() > 0 {
+            // The records the dirty scan will make from here (it goes on from `scan_page`
+            // and wraps around): exact once the device is stopped, a snapshot while it runs.
+            let pages = dirty.pages();
+            let scan = self.scan_page.min(pages);
+            let records = dirty.records_in(scan, pages, PAGES_PER_RECORD, in_flight.clone())
+                + dirty.records_in(0, scan, PAGES_PER_RECORD, in_flight);
+            dirty_bytes += records * RECORD_HEADER_LEN as u64;
         }
         PrecopyInfo {
             initial_bytes,
