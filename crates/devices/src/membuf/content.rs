@@ -2,7 +2,7 @@
 
 use vfio_mig_device::DeviceError;
 use vfio_mig_uapi::Errno;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::format::{Size, PAGE_SIZE};
 
@@ -72,6 +72,29 @@ pub(crate) fn generate(size: u64, seed: u64) -> Result<Vec<u8>, DeviceError> {
 /// The digest of a state: xxh3-64 of exactly the bytes migration carries.
 pub fn digest(state: &[u8]) -> u64 {
     xxh3_64(state)
+}
+
+/// [`digest`] computed piece by piece: equal to it over the concatenated pieces.
+pub(crate) struct RunningDigest(Box<Xxh3>);
+
+impl RunningDigest {
+    pub(crate) fn new() -> Self {
+        RunningDigest(Box::new(Xxh3::new()))
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub(crate) fn digest(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+impl std::fmt::Debug for RunningDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunningDigest")
+    }
 }
 
 /// One bit per page, with a count of set bits.
@@ -210,6 +233,11 @@ mod tests {
         let mut rng = SplitMix::new(1);
         assert_eq!(a[..8], rng.next_u64().to_le_bytes());
         assert_eq!(digest(&a), digest(&b));
+        let mut running = RunningDigest::new();
+        for piece in a.chunks(1000) {
+            running.update(piece);
+        }
+        assert_eq!(running.digest(), digest(&a));
         assert_ne!(digest(&a), digest(&c));
     }
 

@@ -17,7 +17,7 @@
 //!   written in order, wrapping around). So DMA dirty logging reports the ring pages the device
 //!   wrote. Without guest memory, or with an empty window, there is no DMA. The emulation has
 //!   no peer-to-peer DMA: entering RUNNING_P2P only records the mode.
-//! * **Migration**: the stream format is described in [`format`]. PRE_COPY first streams the
+//! * **Migration**: the stream format is described in [`format`](mod@format). PRE_COPY first streams the
 //!   whole buffer (initial bytes, only falling), then pages dirtied since they were read (dirty
 //!   bytes); a read with neither returns "nothing now". STOP_COPY sends what is still unsent
 //!   or dirty, then a trailer with the digest of the final state. The destination writes

@@ -12,7 +12,7 @@
 
 use vfio_mig_device::PrecopyInfo;
 
-use super::content::{digest, PageBitmap};
+use super::content::{digest, PageBitmap, RunningDigest};
 use super::format::{
     record_headers, RecordHeader, StreamHeader, Trailer, HEADER_LEN, PAGE_SIZE, RECORD_HEADER_LEN,
     RECORD_MAX, TRAILER_LEN,
@@ -58,6 +58,9 @@ pub(crate) struct SaveSession {
     stopped: bool,
     trailer_done: bool,
     data_bytes: u64,
+    /// The digest of the initial pass, computed while copying (the bytes are in cache then).
+    /// It is the final state's digest when nothing had to be sent again.
+    initial_hash: RunningDigest,
 }
 
 impl SaveSession {
@@ -77,6 +80,7 @@ impl SaveSession {
             stopped,
             trailer_done: false,
             data_bytes: 0,
+            initial_hash: RunningDigest::new(),
         }
     }
 
@@ -109,6 +113,7 @@ impl SaveSession {
                 let at = run.pos as usize;
                 out[n..n + k as usize].copy_from_slice(&state[at..at + k as usize]);
                 if run.initial {
+                    self.initial_hash.update(&out[n..n + k as usize]);
                     self.initial_pos = run.pos + k;
                 } else {
                     // Pages whose first byte is in this copy are clean from now on.
@@ -174,8 +179,15 @@ impl SaveSession {
             return true;
         }
         if self.stopped && !self.trailer_done {
+            // Every page rewritten after its copy began was sent again, so when nothing was,
+            // the initial pass saw the final state.
+            let digest = if self.data_bytes == self.size {
+                self.initial_hash.digest()
+            } else {
+                digest(state)
+            };
             let trailer = Trailer {
-                digest: digest(state),
+                digest,
                 data_bytes: self.data_bytes,
             };
             self.load_small(&trailer.encode(), Framing::Trailer);
@@ -259,6 +271,12 @@ mod tests {
             let out = drain(&mut s, &state, &mut dirty, chunk);
             assert_eq!(out.len() as u64, full_stream_len(size), "chunk {chunk}");
             assert_eq!(s.remaining(&dirty), 0);
+            let trailer = Trailer::decode(out[out.len() - 16..].try_into().unwrap());
+            assert_eq!(
+                trailer.digest,
+                digest(&state),
+                "the in-copy hash is the digest"
+            );
             match &reference {
                 None => reference = Some(out),
                 Some(r) => assert!(r == &out, "chunk {chunk} changed the bytes"),
