@@ -4,16 +4,56 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vfio_mig_device::conformance::{Role, Target};
 use vfio_mig_device::{
-    write_all, DataStream, DeviceState, Errno, GuestMemory, IovaRange, MigrationDevice,
-    MigrationFeatures, ReadOutcome, RegionAccess, VecGuestMemory,
+    migration_conformance_tests, write_all, Controller, DataStream, DeviceError, DeviceState,
+    Errno, GuestMemory, IovaRange, MigrationDevice, MigrationFeatures, ReadOutcome, RegionAccess,
+    VecGuestMemory,
 };
 use vfio_mig_devices::membuf::{
-    self, format, Membuf, MembufConfig, BAR0_INDEX, COMPLETION_LEN, CONFIG_INDEX, PAGE_SIZE,
-    PCI_DEVICE_ID, PCI_VENDOR_ID, REG_DIGEST, REG_DIRTY_RATE, REG_GENERATION, REG_MAGIC, REG_SIZE,
+    self, format, Membuf, MembufConfig, MembufDevice, BAR0_INDEX, COMPLETION_LEN, CONFIG_INDEX,
+    PAGE_SIZE, PCI_DEVICE_ID, PCI_VENDOR_ID, REG_DIGEST, REG_DIRTY_RATE, REG_GENERATION, REG_MAGIC,
+    REG_SIZE,
 };
 
 const MIB: u64 = 1 << 20;
+
+/// A small membuf for the conformance suite, changing its state while it runs.
+fn conformance_device(
+    features: MigrationFeatures,
+    dirty_rate: u64,
+    role: Role,
+) -> Result<Controller<MembufDevice>, DeviceError> {
+    let dev = membuf::create(MembufConfig {
+        features,
+        ..config(256 * 1024, dirty_rate, role.seed())
+    })?;
+    Ok(dev.controller().clone())
+}
+
+fn conformance_digest(device: &Controller<MembufDevice>) -> Result<Vec<u8>, DeviceError> {
+    Ok(device.with_device(|d| d.digest()).to_le_bytes().to_vec())
+}
+
+macro_rules! membuf_conformance {
+    ($module:ident, $features:expr, $rate:expr) => {
+        migration_conformance_tests!(
+            $module,
+            target = Target::new(stringify!($module), |role| conformance_device(
+                $features, $rate, role
+            ))
+            .with_digest(conformance_digest)
+            .expect_features($features)
+            .expect_dma_logging(true)
+        );
+    };
+}
+
+membuf_conformance!(conformance_stop_copy, MigrationFeatures::STOP_COPY, 0);
+membuf_conformance!(conformance_p2p, MigrationFeatures::P2P, 0);
+membuf_conformance!(conformance_pre_copy, MigrationFeatures::PRE_COPY, 0);
+membuf_conformance!(conformance_all, MigrationFeatures::ALL, 0);
+membuf_conformance!(conformance_all_dirtying, MigrationFeatures::ALL, 4 * MIB);
 
 fn config(size: u64, dirty_rate: u64, seed: u64) -> MembufConfig {
     MembufConfig {

@@ -95,6 +95,11 @@ impl MembufDevice {
         self.shared.size
     }
 
+    /// The digest of the current state (the digest register's value).
+    pub fn digest(&self) -> u64 {
+        super::digest(&self.shared.lock().state)
+    }
+
     /// Whether the worker is allowed to change the state now (the device runs).
     pub fn is_mutating(&self) -> bool {
         self.shared.lock().running
