@@ -1,0 +1,1500 @@
+//! The source engine: discovery, handshake, precopy, switchover, stop-copy, completion, and
+//! rollback on any failure before the destination runs.
+//!
+//! Threads: the caller's thread coordinates (device state changes, the convergence policy,
+//! rollback); one reader thread per device reads its saving stream into a small pool of
+//! reusable buffers; one writer thread owns the [`Encoder`] and the transport and writes
+//! whatever chunks arrive, so devices stream in parallel; one thread reads the back channel.
+//! Every thread reports to the coordinator over one channel.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vfio_mig_device::{
+    DataStream, DeviceIdentity, DeviceState, MigrationDevice, MigrationFeatures, PrecopyInfo,
+    ReadOutcome,
+};
+use vfio_mig_stream::{
+    payload_crc, DeviceInfo, DeviceTotals, Encoder, Phase, StreamConfig, DEFAULT_DECODER_MAX_CHUNK,
+    DEFAULT_MAX_CHUNK, FRAME_LEN, MAX_DEVICES, MAX_NAME_LEN,
+};
+
+use crate::ack::{Ack, AckError};
+use crate::error::{
+    chain, DeviceOp, DeviceRecovery, Failure, MigrationError, Recovery, RecoveryAction,
+    RecoveryOutcome,
+};
+use crate::event::{
+    unix_us, DeviceReport, Downtime, DowntimeClock, Emitter, Event, EventSink, ProgressMeter, Side,
+    SourceSummary, Stage,
+};
+use crate::policy::{ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason};
+use crate::transport::{Control, Transport};
+
+/// A device taking part in a migration, with the name used in messages and the stream
+/// (e.g. its address).
+#[derive(Clone)]
+pub struct NamedDevice {
+    /// For people and the stream's DEVICE record (cut to 255 bytes there).
+    pub name: String,
+    /// The device.
+    pub device: Arc<dyn MigrationDevice>,
+}
+
+impl NamedDevice {
+    /// Names `device`.
+    pub fn new(name: impl Into<String>, device: Arc<dyn MigrationDevice>) -> NamedDevice {
+        NamedDevice {
+            name: name.into(),
+            device,
+        }
+    }
+}
+
+impl fmt::Debug for NamedDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NamedDevice")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the source engine migrates.
+#[derive(Clone)]
+pub struct SourceOptions {
+    /// The longest acceptable predicted downtime: precopy continues until the remaining
+    /// state can move within it. Default 300 ms.
+    pub downtime_limit: Duration,
+    /// The most precopy rounds before [`SourceOptions::on_no_convergence`] applies.
+    /// Default 30 (at least 1 is run).
+    pub max_precopy_rounds: u32,
+    /// Switch over anyway or abort after `max_precopy_rounds`. Default: switch over.
+    pub on_no_convergence: NonConvergence,
+    /// Precopy with devices that support PRE_COPY (default). `false` stops every device
+    /// and moves its whole state in stop-copy (a cold migration).
+    pub precopy: bool,
+    /// Migrate several devices even if some lack P2P (QEMU refuses: a device that can
+    /// still issue P2P DMA may change a peer already saved). Default false.
+    pub allow_non_p2p: bool,
+    /// Largest chunk read from a device and sent as one DATA record. Default 1 MiB.
+    pub chunk_size: u32,
+    /// Chunk buffers per device in flight between its reader and the transport writer; the
+    /// engine's buffer memory is about devices x buffers x chunk size. Default 4.
+    pub buffers_per_device: usize,
+    /// How long to wait for each acknowledgement of the destination. Default 60 s.
+    pub ack_timeout: Duration,
+    /// Socket write timeout, so that a destination that stops reading fails the migration
+    /// instead of hanging it. Default 60 s; `None` waits forever.
+    pub io_timeout: Option<Duration>,
+    /// Both engines run in this process and read the same clock: measure the downtime
+    /// exactly from the destination's timestamps (set by [`crate::migrate_local`]).
+    pub shared_clock: bool,
+    /// The stream header's producer string.
+    pub producer: String,
+    /// Where events go.
+    pub events: Option<EventSink>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_precopy_rounds: 30,
+            on_no_convergence: NonConvergence::SwitchOver,
+            precopy: true,
+            allow_non_p2p: false,
+            chunk_size: DEFAULT_MAX_CHUNK,
+            buffers_per_device: 4,
+            ack_timeout: Duration::from_secs(60),
+            io_timeout: Some(Duration::from_secs(60)),
+            shared_clock: false,
+            producer: StreamConfig::default().producer,
+            events: None,
+        }
+    }
+}
+
+impl fmt::Debug for SourceOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceOptions")
+            .field("downtime_limit", &self.downtime_limit)
+            .field("max_precopy_rounds", &self.max_precopy_rounds)
+            .field("on_no_convergence", &self.on_no_convergence)
+            .field("precopy", &self.precopy)
+            .field("allow_non_p2p", &self.allow_non_p2p)
+            .field("chunk_size", &self.chunk_size)
+            .field("buffers_per_device", &self.buffers_per_device)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("io_timeout", &self.io_timeout)
+            .field("shared_clock", &self.shared_clock)
+            .field("producer", &self.producer)
+            .field("events", &self.events.is_some())
+            .finish()
+    }
+}
+
+/// Migrates `devices` out through `transport`: the source side of a live migration (or of
+/// a `save` when the transport is a file).
+///
+/// On success every source device is left in STOP: the destination runs the state, or the
+/// file holds it. On failure before the destination validated and started its devices,
+/// every source device is returned to the state it had before (RUNNING, normally), with
+/// `reset` as the last resort, and an ABORT record is sent if the transport still works;
+/// the error says what failed, where, and what was done. When the stream was complete but
+/// the destination's final answer never came, the outcome is unknown: the source devices
+/// are left stopped with their state intact, never restarted (two running copies would be
+/// worse).
+pub fn migrate_out(
+    devices: &[NamedDevice],
+    transport: Transport,
+    opts: &SourceOptions,
+) -> Result<SourceSummary, MigrationError> {
+    let mut engine = SourceEngine::new(devices, transport, opts);
+    match engine.run() {
+        Ok(summary) => Ok(summary),
+        Err(failure) => Err(engine.fail(failure)),
+    }
+}
+
+/// Messages to the writer thread.
+enum WriterMsg {
+    /// A chunk read from a device: `buf[FRAME_LEN..FRAME_LEN + len]` is the payload; the
+    /// buffer goes back to its pool through `home`.
+    Chunk {
+        device: u16,
+        phase: Phase,
+        buf: Vec<u8>,
+        len: usize,
+        crc: u32,
+        home: SyncSender<Vec<u8>>,
+    },
+    /// The device's data is complete: write its DEVICE_END.
+    DeviceEnd { device: u16 },
+    /// Write END and finish.
+    End,
+}
+
+/// Commands to a reader thread.
+enum ReaderCmd {
+    /// Run one precopy round.
+    Round,
+    /// Read the stop-copy data to its end (the device is in STOP_COPY now).
+    StopCopy,
+}
+
+/// What the threads tell the coordinator.
+enum Report {
+    RoundDone {
+        device: u16,
+        bytes: u64,
+        info: PrecopyInfo,
+    },
+    ReaderFailed(Failure),
+    DeviceEnded {
+        device: u16,
+        totals: DeviceTotals,
+    },
+    WriterDone,
+    WriterFailed(Failure),
+    AbortWritten(bool),
+    WriterExited,
+    Ack(Ack),
+    BackChannelEnded(Option<AckError>),
+}
+
+/// The writer before and after it gets its own thread.
+enum WriterSlot {
+    /// Header not yet sent, or sent while waiting for the destination.
+    Idle {
+        out: Box<dyn Write + Send>,
+        encoder: Box<Encoder>,
+    },
+    Running {
+        tx: SyncSender<WriterMsg>,
+        abort: Arc<Mutex<Option<String>>>,
+        join: JoinHandle<()>,
+    },
+    Gone,
+}
+
+struct Reader {
+    cmd: Sender<ReaderCmd>,
+    join: JoinHandle<()>,
+}
+
+struct Dev<'a> {
+    index: u16,
+    named: &'a NamedDevice,
+    features: MigrationFeatures,
+    identity: DeviceIdentity,
+    /// The state before the migration: where a rollback returns the device.
+    original: DeviceState,
+    state: DeviceState,
+    estimate: u64,
+    /// Whether the engine asked the device to change state.
+    touched: bool,
+    reader: Option<Reader>,
+    /// Pending precopy bytes after the last round.
+    last_info: PrecopyInfo,
+    totals: Option<DeviceTotals>,
+}
+
+struct SourceEngine<'a> {
+    devices: &'a [NamedDevice],
+    devs: Vec<Dev<'a>>,
+    opts: &'a SourceOptions,
+    em: Emitter,
+    stage: Stage,
+    transport_name: String,
+    control: Control,
+    ack_reader: Option<Box<dyn io::Read + Send>>,
+    ack_thread: Option<JoinHandle<()>>,
+    back_channel: bool,
+    back_closed: bool,
+    writer: WriterSlot,
+    pending_out: Option<Box<dyn Write + Send>>,
+    reports_tx: Sender<Report>,
+    reports: Receiver<Report>,
+    cancel: Arc<AtomicBool>,
+    stream_bytes: Arc<AtomicU64>,
+    end_written: bool,
+    switch_start: Option<(Instant, u64)>,
+    precopy_time: Duration,
+    warnings: Vec<String>,
+}
+
+impl<'a> SourceEngine<'a> {
+    fn new(devices: &'a [NamedDevice], transport: Transport, opts: &'a SourceOptions) -> Self {
+        let (reports_tx, reports) = mpsc::channel();
+        let transport_name = transport.description().to_owned();
+        let Transport {
+            reader,
+            writer,
+            control,
+            ..
+        } = transport;
+        SourceEngine {
+            devices,
+            devs: Vec::new(),
+            opts,
+            em: Emitter::new(Side::Source, opts.events.clone()),
+            stage: Stage::Discovery,
+            transport_name,
+            control,
+            back_channel: reader.is_some(),
+            ack_reader: reader,
+            ack_thread: None,
+            back_closed: false,
+            writer: WriterSlot::Gone,
+            pending_out: writer,
+            reports_tx,
+            reports,
+            cancel: Arc::new(AtomicBool::new(false)),
+            stream_bytes: Arc::new(AtomicU64::new(0)),
+            end_written: false,
+            switch_start: None,
+            precopy_time: Duration::ZERO,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn enter(&mut self, stage: Stage) {
+        self.stage = stage;
+        self.em.stage(stage);
+    }
+
+    fn warn(&mut self, message: String) {
+        self.em.warn(message.clone());
+        self.warnings.push(message);
+    }
+
+    fn run(&mut self) -> Result<SourceSummary, Failure> {
+        self.em.stage(Stage::Discovery);
+        self.check_options()?;
+        self.discover()?;
+        self.enter(Stage::Handshake);
+        self.send_header()?;
+        self.handshake()?;
+        self.start_writer();
+        self.enter(Stage::Precopy);
+        let precopy_start = Instant::now();
+        let (reason, rounds) = self.precopy()?;
+        let precopy_elapsed = precopy_start.elapsed();
+        self.em.emit(Event::Switchover { reason, rounds });
+        self.enter(Stage::Switchover);
+        self.switchover()?;
+        self.enter(Stage::StopCopy);
+        self.stop_copy()?;
+        let stop_copy_elapsed = self
+            .switch_start
+            .map_or(Duration::ZERO, |(t, _)| t.elapsed());
+        let downtime = self.completion()?;
+        self.finish_devices();
+        self.close_transport();
+        self.enter(Stage::Done);
+        let total = self.em.start.elapsed();
+        let stream_bytes = self.stream_bytes.load(Ordering::Relaxed);
+        let devices: Vec<DeviceReport> = self
+            .devs
+            .iter()
+            .map(|d| {
+                let totals = d.totals.unwrap_or_default();
+                DeviceReport {
+                    index: d.index,
+                    name: d.named.name.clone(),
+                    kind: d.identity.kind.clone(),
+                    features: d.features,
+                    data_size_estimate: d.estimate,
+                    pre_copy: totals.pre_copy,
+                    stop_copy: totals.stop_copy,
+                }
+            })
+            .collect();
+        Ok(SourceSummary {
+            transport: self.transport_name.clone(),
+            bytes: devices
+                .iter()
+                .map(|d| d.pre_copy.bytes + d.stop_copy.bytes)
+                .sum(),
+            devices,
+            precopy_rounds: rounds,
+            switchover: reason,
+            stream_bytes,
+            total,
+            precopy: if rounds == 0 {
+                Duration::ZERO
+            } else {
+                precopy_elapsed
+            },
+            stop_copy: stop_copy_elapsed,
+            downtime,
+            throughput_bps: stream_bytes as f64 / total.as_secs_f64().max(1e-9),
+            source_state: DeviceState::Stop,
+            warnings: std::mem::take(&mut self.warnings),
+        })
+    }
+
+    fn check_options(&self) -> Result<(), Failure> {
+        let o = self.opts;
+        if self.devices.is_empty() || self.devices.len() > usize::from(MAX_DEVICES) {
+            return Err(Failure::Options(format!(
+                "a migration takes 1 to {MAX_DEVICES} devices, not {}",
+                self.devices.len()
+            )));
+        }
+        if o.chunk_size == 0 || o.chunk_size > DEFAULT_DECODER_MAX_CHUNK {
+            return Err(Failure::Options(format!(
+                "chunk size {} is not between 1 and {DEFAULT_DECODER_MAX_CHUNK} bytes",
+                o.chunk_size
+            )));
+        }
+        if o.buffers_per_device == 0 {
+            return Err(Failure::Options(
+                "buffers per device must be at least 1".into(),
+            ));
+        }
+        if self.pending_out.is_none() {
+            return Err(Failure::Options(format!(
+                "the source needs a writable transport; {} is not",
+                self.transport_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every device's features, identity, state and size estimate; refuses devices that
+    /// cannot migrate and (QEMU's rule) several devices unless all have P2P.
+    fn discover(&mut self) -> Result<(), Failure> {
+        for (i, named) in self.devices.iter().enumerate() {
+            // Bounded by MAX_DEVICES in check_options.
+            let index = i as u16;
+            let dev_err = |op, cause| Failure::Device {
+                index,
+                name: named.name.clone(),
+                op,
+                cause,
+            };
+            let features = named
+                .device
+                .features()
+                .map_err(|c| dev_err(DeviceOp::Features, c))?;
+            let identity = named
+                .device
+                .identity()
+                .map_err(|c| dev_err(DeviceOp::Identity, c))?;
+            let state = named
+                .device
+                .state()
+                .map_err(|c| dev_err(DeviceOp::State, c))?;
+            if !matches!(
+                state,
+                DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop
+            ) {
+                return Err(Failure::NotMigratable {
+                    index,
+                    name: named.name.clone(),
+                    reason: format!(
+                        "it is in {state}; a migration starts from running, running-p2p or stop"
+                    ),
+                });
+            }
+            let estimate = match named.device.data_size() {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.warn(format!(
+                        "device {index} ({}): no data size estimate: {}",
+                        named.name,
+                        chain(&e)
+                    ));
+                    None
+                }
+            };
+            self.em.emit(Event::Device {
+                side: Side::Source,
+                device: index,
+                name: named.name.clone(),
+                kind: identity.kind.clone(),
+                version: identity.version.clone(),
+                features,
+                state,
+                data_size: estimate,
+            });
+            self.devs.push(Dev {
+                index,
+                named,
+                features,
+                identity,
+                original: state,
+                state,
+                estimate: estimate.unwrap_or(0),
+                touched: false,
+                reader: None,
+                last_info: PrecopyInfo::default(),
+                totals: None,
+            });
+        }
+        if self.devs.len() > 1 && !self.opts.allow_non_p2p {
+            let lacking: Vec<String> = self
+                .devs
+                .iter()
+                .filter(|d| !d.features.p2p())
+                .map(|d| format!("{} ({})", d.index, d.named.name))
+                .collect();
+            if !lacking.is_empty() {
+                return Err(Failure::P2pRequired {
+                    side: Side::Source,
+                    devices: lacking,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn send_header(&mut self) -> Result<(), Failure> {
+        let infos: Vec<DeviceInfo> = self
+            .devs
+            .iter()
+            .map(|d| DeviceInfo {
+                name: cut(&d.named.name, MAX_NAME_LEN),
+                kind: d.identity.kind.clone(),
+                version: d.identity.version.clone(),
+                compat: d.identity.compat.clone(),
+                features: d.features,
+                data_size_estimate: d.estimate,
+            })
+            .collect();
+        let config = StreamConfig {
+            producer: self.opts.producer.clone(),
+            max_chunk: self.opts.chunk_size,
+            created_unix_ms: unix_us() / 1000,
+        };
+        let mut bytes = Vec::new();
+        let encoder = Encoder::new(&config, &infos, &mut bytes).map_err(Failure::Encode)?;
+        let Some(mut out) = self.pending_out.take() else {
+            unreachable!("check_options requires a writer")
+        };
+        self.control.set_write_timeout(self.opts.io_timeout);
+        let written = out.write_all(&bytes).and_then(|_| out.flush());
+        self.writer = WriterSlot::Idle {
+            out,
+            encoder: Box::new(encoder),
+        };
+        written.map_err(|e| self.transport_failure("writing the stream header", e))?;
+        self.stream_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn transport_failure(&self, what: &str, e: io::Error) -> Failure {
+        Failure::transport(what, &self.transport_name, e)
+    }
+
+    /// With a back channel: waits for the destination's `ready` (compatible, devices in
+    /// RESUMING) before touching any source device.
+    fn handshake(&mut self) -> Result<(), Failure> {
+        let Some(reader) = self.ack_reader.take() else {
+            return Ok(());
+        };
+        let tx = self.reports_tx.clone();
+        self.ack_thread = Some(
+            thread::Builder::new()
+                .name("mig-src-acks".into())
+                .spawn(move || ack_thread(reader, tx))
+                .expect("spawning a thread"),
+        );
+        let deadline = Instant::now() + self.opts.ack_timeout;
+        match self.next(Some(deadline), "ready")? {
+            Report::Ack(Ack::Ready) => Ok(()),
+            Report::Ack(other) => Err(Failure::UnexpectedAck {
+                ack: ack_name(&other).into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn start_writer(&mut self) {
+        let WriterSlot::Idle { out, encoder } =
+            std::mem::replace(&mut self.writer, WriterSlot::Gone)
+        else {
+            return;
+        };
+        let n = self.devs.len();
+        // Room for every buffer of every device plus the control messages, so that a send
+        // never blocks: the pools are what bound memory.
+        let (tx, rx) = mpsc::sync_channel(n * self.opts.buffers_per_device + n + 2);
+        let abort = Arc::new(Mutex::new(None));
+        let ctx = WriterCtx {
+            out,
+            encoder,
+            rx,
+            abort: Arc::clone(&abort),
+            reports: self.reports_tx.clone(),
+            em: self.em.clone(),
+            bytes: Arc::clone(&self.stream_bytes),
+            transport: self.transport_name.clone(),
+        };
+        let join = thread::Builder::new()
+            .name("mig-src-writer".into())
+            .spawn(move || writer_thread(ctx))
+            .expect("spawning a thread");
+        self.writer = WriterSlot::Running { tx, abort, join };
+    }
+
+    fn writer_tx(&self) -> Option<SyncSender<WriterMsg>> {
+        match &self.writer {
+            WriterSlot::Running { tx, .. } => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    fn spawn_reader(&mut self, i: usize, stream: DataStream) {
+        let Some(tx) = self.writer_tx() else { return };
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let k = self.opts.buffers_per_device;
+        let chunk = self.opts.chunk_size as usize;
+        let (home, pool) = mpsc::sync_channel(k);
+        for _ in 0..k {
+            // Cannot fail: the pool has room for k buffers and its receiver is alive.
+            let _ = home.send(vec![0u8; FRAME_LEN + chunk]);
+        }
+        let d = &self.devs[i];
+        let ctx = ReaderCtx {
+            index: d.index,
+            name: d.named.name.clone(),
+            chunk,
+            tx,
+            home,
+            pool,
+            spare: None,
+            reports: self.reports_tx.clone(),
+            cancel: Arc::clone(&self.cancel),
+        };
+        let join = thread::Builder::new()
+            .name(format!("mig-src-read{}", d.index))
+            .spawn(move || reader_thread(ctx, stream, cmd_rx))
+            .expect("spawning a thread");
+        self.devs[i].reader = Some(Reader { cmd: cmd_tx, join });
+    }
+
+    fn command(&self, i: usize, cmd: ReaderCmd) -> Result<(), Failure> {
+        let d = &self.devs[i];
+        match &d.reader {
+            Some(r) if r.cmd.send(cmd).is_ok() => Ok(()),
+            _ => Err(Failure::Panicked),
+        }
+    }
+
+    /// Moves device `i` to `target`, recording where it is and emitting the transition.
+    fn transition(&mut self, i: usize, target: DeviceState) -> Result<Option<DataStream>, Failure> {
+        let d = &mut self.devs[i];
+        let from = d.state;
+        d.touched = true;
+        let t = Instant::now();
+        match d.named.device.set_state(target) {
+            Ok(stream) => {
+                d.state = target;
+                self.em.emit(Event::Transition {
+                    side: Side::Source,
+                    device: d.index,
+                    name: d.named.name.clone(),
+                    from,
+                    to: target,
+                    duration_us: t.elapsed().as_micros() as u64,
+                });
+                Ok(stream)
+            }
+            Err(cause) => {
+                if let Some(reached) = cause.reached {
+                    d.state = reached;
+                }
+                Err(Failure::Transition {
+                    index: d.index,
+                    name: d.named.name.clone(),
+                    target,
+                    cause,
+                })
+            }
+        }
+    }
+
+    /// The next report the current stage handles; failures of any thread, the destination's
+    /// `failed`/`refused` and the end of the back channel become errors.
+    fn next(
+        &mut self,
+        deadline: Option<Instant>,
+        waiting_for: &'static str,
+    ) -> Result<Report, Failure> {
+        loop {
+            if let Some(report) = self.next_one(deadline, waiting_for)? {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// One report: `None` for reports no stage waits for.
+    fn next_one(
+        &mut self,
+        deadline: Option<Instant>,
+        waiting_for: &'static str,
+    ) -> Result<Option<Report>, Failure> {
+        let report = match deadline {
+            None => self.reports.recv().map_err(|_| Failure::Panicked)?,
+            Some(d) => match self
+                .reports
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+            {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Failure::AckTimeout {
+                        waiting_for,
+                        timeout: self.opts.ack_timeout,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(Failure::Panicked),
+            },
+        };
+        match report {
+            Report::ReaderFailed(f) => Err(f),
+            Report::WriterFailed(f) => Err(self.prefer_destination_reason(f)),
+            // After END the writer is done; before, it exits only after reporting why.
+            Report::WriterExited if self.end_written => Ok(None),
+            Report::WriterExited => Err(Failure::Panicked),
+            Report::AbortWritten(_) => Ok(None),
+            Report::Ack(ack) => {
+                self.em.emit(Event::Acknowledgement {
+                    side: Side::Source,
+                    ack: ack.clone(),
+                });
+                match ack {
+                    Ack::Refused { reason } => Err(Failure::Refused { reason }),
+                    Ack::Failed { reason } => Err(Failure::DestinationFailed { reason }),
+                    other => Ok(Some(Report::Ack(other))),
+                }
+            }
+            Report::BackChannelEnded(err) => {
+                self.back_closed = true;
+                Err(match err {
+                    None | Some(AckError::Io(_)) => {
+                        Failure::DestinationVanished { stage: self.stage }
+                    }
+                    Some(e) => Failure::BackChannel(e),
+                })
+            }
+            other => Ok(Some(other)),
+        }
+    }
+
+    /// A transport error is often the echo of a destination failure: if the destination's
+    /// reason arrives shortly, report that instead.
+    fn prefer_destination_reason(&mut self, failure: Failure) -> Failure {
+        if !self.back_channel || self.back_closed || self.ack_thread.is_none() {
+            return failure;
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(report) = self
+            .reports
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            match report {
+                Report::Ack(Ack::Failed { reason }) => {
+                    return Failure::DestinationFailed { reason }
+                }
+                Report::Ack(Ack::Refused { reason }) => return Failure::Refused { reason },
+                Report::BackChannelEnded(_) => {
+                    self.back_closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        failure
+    }
+
+    /// Precopy rounds until the policy switches over (or gives up).
+    fn precopy(&mut self) -> Result<(SwitchoverReason, u32), Failure> {
+        let candidates: Vec<usize> = if self.opts.precopy {
+            (0..self.devs.len())
+                .filter(|&i| {
+                    let d = &self.devs[i];
+                    d.features.pre_copy()
+                        && matches!(d.state, DeviceState::Running | DeviceState::RunningP2p)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if candidates.is_empty() {
+            return Ok((SwitchoverReason::NoPrecopy, 0));
+        }
+        for &i in &candidates {
+            let target = if self.devs[i].state == DeviceState::RunningP2p {
+                DeviceState::PreCopyP2p
+            } else {
+                DeviceState::PreCopy
+            };
+            let stream = self.transition(i, target)?;
+            let Some(stream) = stream else {
+                let d = &self.devs[i];
+                return Err(Failure::DeviceProtocol {
+                    index: d.index,
+                    name: d.named.name.clone(),
+                    problem: format!("entering {target} opened no saving stream"),
+                });
+            };
+            self.spawn_reader(i, stream);
+        }
+        let policy = ConvergencePolicy {
+            downtime_limit: self.opts.downtime_limit,
+            max_rounds: self.opts.max_precopy_rounds.max(1),
+            on_limit: self.opts.on_no_convergence,
+        };
+        let mut total_bytes = 0u64;
+        let mut busy = Duration::ZERO;
+        let mut round = 0u32;
+        loop {
+            round += 1;
+            let started = Instant::now();
+            for &i in &candidates {
+                self.command(i, ReaderCmd::Round)?;
+            }
+            let mut round_bytes = 0u64;
+            let mut waiting = candidates.len();
+            while waiting > 0 {
+                if let Report::RoundDone {
+                    device,
+                    bytes,
+                    info,
+                } = self.next(None, "")?
+                {
+                    self.devs[usize::from(device)].last_info = info;
+                    round_bytes += bytes;
+                    waiting -= 1;
+                }
+            }
+            busy += started.elapsed();
+            self.precopy_time = busy;
+            total_bytes += round_bytes;
+            let bandwidth = (total_bytes > 0 && !busy.is_zero())
+                .then(|| total_bytes as f64 / busy.as_secs_f64());
+            let (initial, dirty, remaining) = self.pending();
+            let stats = RoundStats {
+                round,
+                initial_bytes: initial,
+                remaining_bytes: remaining,
+                bandwidth,
+            };
+            let decision = policy.decide(&stats);
+            let predicted = ConvergencePolicy::predicted_downtime(remaining, bandwidth);
+            self.em.emit(Event::PrecopyRound {
+                round,
+                bytes: round_bytes,
+                total_bytes,
+                initial_bytes: initial,
+                dirty_bytes: dirty,
+                remaining_bytes: remaining,
+                bandwidth_bps: bandwidth,
+                predicted_downtime_ms: predicted.map(crate::event::ms_f64),
+                converged: policy.converged(&stats),
+            });
+            match decision {
+                Decision::Continue => {}
+                Decision::SwitchOver(reason) => return Ok((reason, round)),
+                Decision::GiveUp => {
+                    return Err(Failure::NotConverged {
+                        rounds: round,
+                        predicted,
+                        limit: self.opts.downtime_limit,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sums of pending initial and dirty bytes, and the bytes the switchover is predicted to
+    /// move: per device the larger of its stop-copy estimate and its pending precopy bytes.
+    fn pending(&mut self) -> (u64, u64, u64) {
+        let (mut initial, mut dirty, mut remaining) = (0u64, 0u64, 0u64);
+        let mut warnings = Vec::new();
+        for d in &self.devs {
+            let info = if d.state.is_precopy() {
+                d.last_info
+            } else {
+                PrecopyInfo::default()
+            };
+            initial += info.initial_bytes;
+            dirty += info.dirty_bytes;
+            let pending = info.initial_bytes.saturating_add(info.dirty_bytes);
+            let size = match d.named.device.data_size() {
+                Ok(n) => n,
+                Err(e) => {
+                    warnings.push(format!(
+                        "device {} ({}): data size query failed, using its pending bytes: {}",
+                        d.index,
+                        d.named.name,
+                        chain(&e)
+                    ));
+                    pending
+                }
+            };
+            remaining = remaining.saturating_add(size.max(pending));
+        }
+        for w in warnings {
+            self.warn(w);
+        }
+        (initial, dirty, remaining)
+    }
+
+    /// Downtime begins: every device quiesces P2P first, then each enters STOP_COPY and
+    /// its final data starts flowing at once.
+    fn switchover(&mut self) -> Result<(), Failure> {
+        self.switch_start = Some((Instant::now(), unix_us()));
+        for i in 0..self.devs.len() {
+            let d = &self.devs[i];
+            if !d.features.p2p() {
+                continue;
+            }
+            let target = match d.state {
+                DeviceState::Running => DeviceState::RunningP2p,
+                DeviceState::PreCopy => DeviceState::PreCopyP2p,
+                _ => continue,
+            };
+            self.transition(i, target)?;
+        }
+        for i in 0..self.devs.len() {
+            let was_precopy = self.devs[i].state.is_precopy();
+            let stream = self.transition(i, DeviceState::StopCopy)?;
+            let problem = match (was_precopy, stream) {
+                (true, None) => None,
+                (false, Some(stream)) => {
+                    self.spawn_reader(i, stream);
+                    None
+                }
+                (true, Some(_)) => Some("pre-copy -> stop-copy opened a second saving stream"),
+                (false, None) => Some("entering stop-copy opened no saving stream"),
+            };
+            if let Some(problem) = problem {
+                let d = &self.devs[i];
+                return Err(Failure::DeviceProtocol {
+                    index: d.index,
+                    name: d.named.name.clone(),
+                    problem: problem.into(),
+                });
+            }
+            self.command(i, ReaderCmd::StopCopy)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every device's data to end, then writes END.
+    fn stop_copy(&mut self) -> Result<(), Failure> {
+        let mut waiting = self.devs.len();
+        while waiting > 0 {
+            if let Report::DeviceEnded { device, totals } = self.next(None, "")? {
+                let d = &mut self.devs[usize::from(device)];
+                d.totals = Some(totals);
+                waiting -= 1;
+                self.em.emit(Event::DeviceDone {
+                    side: Side::Source,
+                    device,
+                    name: d.named.name.clone(),
+                    pre_copy_bytes: totals.pre_copy.bytes,
+                    stop_copy_bytes: totals.stop_copy.bytes,
+                });
+            }
+        }
+        for d in &mut self.devs {
+            if let Some(r) = d.reader.take() {
+                drop(r.cmd);
+                let _ = r.join.join();
+            }
+        }
+        match &self.writer {
+            WriterSlot::Running { tx, .. } => {
+                tx.send(WriterMsg::End).map_err(|_| Failure::Panicked)?
+            }
+            _ => return Err(Failure::Panicked),
+        }
+        loop {
+            if let Report::WriterDone = self.next(None, "")? {
+                self.end_written = true;
+                return Ok(());
+            }
+        }
+    }
+
+    /// With a back channel: waits for the destination to run its devices.
+    fn completion(&mut self) -> Result<Option<Downtime>, Failure> {
+        if !self.back_channel {
+            return Ok(None);
+        }
+        self.enter(Stage::Completion);
+        let deadline = Instant::now() + self.opts.ack_timeout;
+        loop {
+            match self.next(Some(deadline), "running")? {
+                Report::Ack(Ack::Running {
+                    running_unix_us, ..
+                }) => {
+                    let arrived = Instant::now();
+                    let Some((t0, t0_unix)) = self.switch_start else {
+                        return Ok(None);
+                    };
+                    return Ok(Some(if self.opts.shared_clock {
+                        Downtime {
+                            duration: Duration::from_micros(
+                                running_unix_us.saturating_sub(t0_unix),
+                            ),
+                            clock: DowntimeClock::SharedClock,
+                        }
+                    } else {
+                        Downtime {
+                            duration: arrived.duration_since(t0),
+                            clock: DowntimeClock::AckReceipt,
+                        }
+                    }));
+                }
+                Report::Ack(other) => {
+                    return Err(Failure::UnexpectedAck {
+                        ack: ack_name(&other).into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Success: the source devices leave STOP_COPY for STOP. A failure here is only a
+    /// warning: the destination runs, so the source must not be restarted or reset.
+    fn finish_devices(&mut self) {
+        for i in 0..self.devs.len() {
+            if self.devs[i].state == DeviceState::Stop {
+                continue;
+            }
+            if let Err(f) = self.transition(i, DeviceState::Stop) {
+                self.warn(format!("leaving the source stopped: {}", chain(&f)));
+            }
+        }
+    }
+
+    fn close_transport(&mut self) {
+        self.control.shutdown(Shutdown::Both);
+        if let WriterSlot::Running { join, .. } =
+            std::mem::replace(&mut self.writer, WriterSlot::Gone)
+        {
+            let _ = join.join();
+        }
+        if let Some(t) = self.ack_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Rollback: stops the threads, returns every touched device to its original state (or
+    /// leaves it stopped when the outcome is unknown), and tells the destination.
+    fn fail(&mut self, failure: Failure) -> MigrationError {
+        tracing::debug!("source failed in {}: {}", self.stage, chain(&failure));
+        self.cancel.store(true, Ordering::SeqCst);
+        let outcome_unknown = self.end_written
+            && self.back_channel
+            && matches!(
+                failure,
+                Failure::DestinationVanished { .. }
+                    | Failure::AckTimeout { .. }
+                    | Failure::BackChannel(_)
+            );
+        let mut devices = Vec::new();
+        for i in 0..self.devs.len() {
+            let rec = if outcome_unknown {
+                self.leave_stopped(i)
+            } else {
+                self.restore(i)
+            };
+            self.em.emit(Event::Recovery {
+                side: Side::Source,
+                device: rec.device,
+                name: rec.name.clone(),
+                action: rec.action.clone(),
+                state: rec.state,
+            });
+            devices.push(rec);
+        }
+        let peer_notified = if outcome_unknown {
+            false
+        } else {
+            self.abort_stream(&chain(&failure))
+        };
+        self.stop_threads();
+        let outcome = if devices
+            .iter()
+            .any(|d| matches!(d.action, RecoveryAction::Failed { .. }))
+        {
+            RecoveryOutcome::Incomplete
+        } else if outcome_unknown {
+            RecoveryOutcome::LeftStopped
+        } else if devices
+            .iter()
+            .all(|d| d.action == RecoveryAction::Untouched)
+        {
+            RecoveryOutcome::Untouched
+        } else {
+            RecoveryOutcome::RolledBack
+        };
+        MigrationError {
+            side: Side::Source,
+            stage: self.stage,
+            failure,
+            recovery: Recovery {
+                side: Side::Source,
+                outcome,
+                devices,
+                peer_notified,
+            },
+            peer_recovery: None,
+        }
+    }
+
+    /// Returns device `i` to its original state; resets it if that fails.
+    fn restore(&mut self, i: usize) -> DeviceRecovery {
+        let d = &mut self.devs[i];
+        let dev = &d.named.device;
+        let action = if !d.touched {
+            RecoveryAction::Untouched
+        } else {
+            match dev.set_state(d.original) {
+                Ok(_) => RecoveryAction::Restored,
+                Err(e) => {
+                    tracing::warn!("device {}: {}; resetting it", d.index, chain(&e));
+                    match dev.reset() {
+                        Err(e) => RecoveryAction::Failed {
+                            error: format!("reset failed: {}", chain(&e)),
+                        },
+                        Ok(()) if d.original == DeviceState::Running => RecoveryAction::Reset,
+                        Ok(()) => match dev.set_state(d.original) {
+                            Ok(_) => RecoveryAction::Reset,
+                            Err(e) => RecoveryAction::Failed {
+                                error: format!("reset, but {}", chain(&e)),
+                            },
+                        },
+                    }
+                }
+            }
+        };
+        let state = dev.state().ok();
+        if let Some(s) = state {
+            d.state = s;
+        }
+        DeviceRecovery {
+            device: d.index,
+            name: d.named.name.clone(),
+            action,
+            state,
+        }
+    }
+
+    /// The destination may be running: stop the source device, keep its state, never
+    /// restart it.
+    fn leave_stopped(&mut self, i: usize) -> DeviceRecovery {
+        let d = &mut self.devs[i];
+        let action = match d.named.device.set_state(DeviceState::Stop) {
+            Ok(_) => RecoveryAction::Stopped,
+            Err(e) => RecoveryAction::Failed {
+                error: format!("could not stop it: {}", chain(&e)),
+            },
+        };
+        let state = d.named.device.state().ok();
+        DeviceRecovery {
+            device: d.index,
+            name: d.named.name.clone(),
+            action,
+            state,
+        }
+    }
+
+    /// Writes ABORT if the stream is still open and the transport works; returns whether it
+    /// was written.
+    fn abort_stream(&mut self, reason: &str) -> bool {
+        match &mut self.writer {
+            WriterSlot::Idle { out, encoder } => {
+                let mut bytes = Vec::new();
+                encoder.abort(reason, &mut bytes).is_ok()
+                    && out.write_all(&bytes).and_then(|_| out.flush()).is_ok()
+            }
+            WriterSlot::Running { abort, .. } => {
+                *abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+                let deadline = Instant::now() + Duration::from_secs(2);
+                loop {
+                    match self
+                        .reports
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(Report::AbortWritten(ok)) => return ok,
+                        Ok(Report::WriterExited) => return false,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            }
+            WriterSlot::Gone => false,
+        }
+    }
+
+    /// Ends every thread; a writer stuck on a peer that stopped reading is unblocked by
+    /// shutting the socket down.
+    fn stop_threads(&mut self) {
+        for d in &mut self.devs {
+            if let Some(r) = d.reader.take() {
+                drop(r.cmd);
+                let _ = r.join.join();
+            }
+        }
+        match std::mem::replace(&mut self.writer, WriterSlot::Gone) {
+            WriterSlot::Running { tx, join, .. } => {
+                drop(tx);
+                if !join.is_finished() {
+                    // The writer ends within its poll interval unless blocked in a write.
+                    thread::sleep(Duration::from_millis(50));
+                }
+                if !join.is_finished() {
+                    self.control.shutdown(Shutdown::Both);
+                }
+                let _ = join.join();
+            }
+            WriterSlot::Idle { out, .. } => drop(out),
+            WriterSlot::Gone => {}
+        }
+        // The destination reads our ABORT, then sees the end of the stream.
+        self.control.shutdown(Shutdown::Both);
+        if let Some(t) = self.ack_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+fn ack_name(ack: &Ack) -> &'static str {
+    match ack {
+        Ack::Ready => "ready",
+        Ack::Refused { .. } => "refused",
+        Ack::Running { .. } => "running",
+        Ack::Failed { .. } => "failed",
+    }
+}
+
+fn ack_thread(mut reader: Box<dyn io::Read + Send>, tx: Sender<Report>) {
+    loop {
+        match Ack::read_from(&mut *reader) {
+            Ok(Some(ack)) => {
+                if tx.send(Report::Ack(ack)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Report::BackChannelEnded(None));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Report::BackChannelEnded(Some(e)));
+                return;
+            }
+        }
+    }
+}
+
+struct WriterCtx {
+    out: Box<dyn Write + Send>,
+    encoder: Box<Encoder>,
+    rx: Receiver<WriterMsg>,
+    abort: Arc<Mutex<Option<String>>>,
+    reports: Sender<Report>,
+    em: Emitter,
+    bytes: Arc<AtomicU64>,
+    transport: String,
+}
+
+fn writer_thread(mut w: WriterCtx) {
+    let result = writer_loop(&mut w);
+    match result {
+        Ok(()) => {}
+        Err(f) => {
+            let _ = w.reports.send(Report::WriterFailed(f));
+        }
+    }
+    let _ = w.reports.send(Report::WriterExited);
+}
+
+fn writer_loop(w: &mut WriterCtx) -> Result<(), Failure> {
+    let mut meter = ProgressMeter::new();
+    let mut small = Vec::with_capacity(64);
+    let mut stage = Stage::Precopy;
+    loop {
+        let abort = w.abort.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(reason) = abort {
+            small.clear();
+            let ok = w.encoder.abort(&reason, &mut small).is_ok()
+                && w.out.write_all(&small).and_then(|_| w.out.flush()).is_ok();
+            let _ = w.reports.send(Report::AbortWritten(ok));
+            return Ok(());
+        }
+        let msg = match w.rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let io_err = |e| Failure::transport("writing the stream", &w.transport, e);
+        match msg {
+            WriterMsg::Chunk {
+                device,
+                phase,
+                mut buf,
+                len,
+                crc,
+                home,
+            } => {
+                let frame = w
+                    .encoder
+                    .chunk_frame_with_crc(device, phase, len, crc)
+                    .map_err(Failure::Encode)?;
+                buf[..FRAME_LEN].copy_from_slice(&frame);
+                w.out.write_all(&buf[..FRAME_LEN + len]).map_err(io_err)?;
+                let total = w
+                    .bytes
+                    .fetch_add((FRAME_LEN + len) as u64, Ordering::Relaxed)
+                    + (FRAME_LEN + len) as u64;
+                stage = match phase {
+                    Phase::PreCopy => Stage::Precopy,
+                    Phase::StopCopy => Stage::StopCopy,
+                };
+                meter.update(&w.em, stage, total, false);
+                // The pool outlives the buffer unless its reader is gone; then drop it.
+                let _ = home.send(buf);
+            }
+            WriterMsg::DeviceEnd { device } => {
+                small.clear();
+                let totals = w
+                    .encoder
+                    .end_device(device, &mut small)
+                    .map_err(Failure::Encode)?;
+                w.out.write_all(&small).map_err(io_err)?;
+                w.bytes.fetch_add(small.len() as u64, Ordering::Relaxed);
+                let _ = w.reports.send(Report::DeviceEnded { device, totals });
+            }
+            WriterMsg::End => {
+                small.clear();
+                w.encoder.end(&mut small).map_err(Failure::Encode)?;
+                w.out.write_all(&small).map_err(io_err)?;
+                w.out.flush().map_err(io_err)?;
+                let total =
+                    w.bytes.fetch_add(small.len() as u64, Ordering::Relaxed) + small.len() as u64;
+                meter.update(&w.em, stage, total, true);
+                let _ = w.reports.send(Report::WriterDone);
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct ReaderCtx {
+    index: u16,
+    name: String,
+    chunk: usize,
+    tx: SyncSender<WriterMsg>,
+    home: SyncSender<Vec<u8>>,
+    pool: Receiver<Vec<u8>>,
+    spare: Option<Vec<u8>>,
+    reports: Sender<Report>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// Why a reader stopped early.
+enum Stop {
+    /// The migration is being torn down; nothing to report.
+    Cancelled,
+    Failed(Failure),
+}
+
+impl ReaderCtx {
+    fn device_failure(&self, op: DeviceOp, cause: vfio_mig_device::DeviceError) -> Stop {
+        Stop::Failed(Failure::Device {
+            index: self.index,
+            name: self.name.clone(),
+            op,
+            cause,
+        })
+    }
+
+    fn protocol(&self, problem: &str) -> Stop {
+        Stop::Failed(Failure::DeviceProtocol {
+            index: self.index,
+            name: self.name.clone(),
+            problem: problem.to_owned(),
+        })
+    }
+
+    /// A free buffer, waiting while all are in flight.
+    fn buffer(&mut self) -> Result<Vec<u8>, Stop> {
+        if let Some(b) = self.spare.take() {
+            return Ok(b);
+        }
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Stop::Cancelled);
+            }
+            match self.pool.recv_timeout(Duration::from_millis(50)) {
+                Ok(b) => return Ok(b),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(Stop::Cancelled),
+            }
+        }
+    }
+
+    /// One read into a buffer; data is sent to the writer.
+    fn read_once(&mut self, stream: &mut DataStream, phase: Phase) -> Result<ReadOutcome, Stop> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Stop::Cancelled);
+        }
+        let mut buf = self.buffer()?;
+        let outcome = match stream.read(&mut buf[FRAME_LEN..FRAME_LEN + self.chunk]) {
+            Ok(o) => o,
+            Err(e) => {
+                self.spare = Some(buf);
+                return Err(self.device_failure(DeviceOp::Read, e));
+            }
+        };
+        match outcome {
+            ReadOutcome::Data(n) => {
+                let crc = payload_crc(&buf[FRAME_LEN..FRAME_LEN + n]);
+                let msg = WriterMsg::Chunk {
+                    device: self.index,
+                    phase,
+                    buf,
+                    len: n,
+                    crc,
+                    home: self.home.clone(),
+                };
+                self.tx.send(msg).map_err(|_| Stop::Cancelled)?;
+            }
+            ReadOutcome::NothingNow | ReadOutcome::End => self.spare = Some(buf),
+        }
+        Ok(outcome)
+    }
+
+    /// A precopy round: reads until the device has nothing now, or until as many bytes as
+    /// it had pending at the start (so a device dirtying faster than we read still ends
+    /// its round), then reports the pending bytes left.
+    fn round(&mut self, stream: &mut DataStream) -> Result<Report, Stop> {
+        let before = stream
+            .precopy_info()
+            .map_err(|e| self.device_failure(DeviceOp::PrecopyInfo, e))?;
+        let cap = before
+            .initial_bytes
+            .saturating_add(before.dirty_bytes)
+            .max(self.chunk as u64);
+        let mut bytes = 0u64;
+        while bytes < cap {
+            match self.read_once(stream, Phase::PreCopy)? {
+                ReadOutcome::Data(n) => bytes += n as u64,
+                ReadOutcome::NothingNow => break,
+                ReadOutcome::End => {
+                    return Err(self.protocol("its saving stream ended during pre-copy"))
+                }
+            }
+        }
+        let info = stream
+            .precopy_info()
+            .map_err(|e| self.device_failure(DeviceOp::PrecopyInfo, e))?;
+        Ok(Report::RoundDone {
+            device: self.index,
+            bytes,
+            info,
+        })
+    }
+
+    /// Reads the stop-copy data to its end and has the writer close the device's data.
+    fn drain(&mut self, stream: &mut DataStream) -> Result<(), Stop> {
+        loop {
+            match self.read_once(stream, Phase::StopCopy)? {
+                ReadOutcome::Data(_) => {}
+                ReadOutcome::End => break,
+                ReadOutcome::NothingNow => {
+                    return Err(self.protocol("its saving stream reported nothing-now in stop-copy"))
+                }
+            }
+        }
+        self.tx
+            .send(WriterMsg::DeviceEnd { device: self.index })
+            .map_err(|_| Stop::Cancelled)
+    }
+}
+
+fn reader_thread(mut ctx: ReaderCtx, mut stream: DataStream, cmds: Receiver<ReaderCmd>) {
+    for cmd in cmds {
+        let result = match cmd {
+            ReaderCmd::Round => ctx
+                .round(&mut stream)
+                .and_then(|r| ctx.reports.send(r).map_err(|_| Stop::Cancelled)),
+            ReaderCmd::StopCopy => ctx.drain(&mut stream),
+        };
+        match result {
+            Ok(()) => {}
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Failed(f)) => {
+                if !ctx.cancel.load(Ordering::Relaxed) {
+                    let _ = ctx.reports.send(Report::ReaderFailed(f));
+                }
+                return;
+            }
+        }
+    }
+}
