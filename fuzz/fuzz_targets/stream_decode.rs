@@ -65,7 +65,11 @@ fn build(data: &[u8]) -> Vec<u8> {
     for _ in 0..next() % 16 {
         let device = usize::from(next()) % devices;
         stop_copy[device] |= next() % 2 == 1;
-        let phase = if stop_copy[device] { Phase::StopCopy } else { Phase::PreCopy };
+        let phase = if stop_copy[device] {
+            Phase::StopCopy
+        } else {
+            Phase::PreCopy
+        };
         let len = usize::from(next()) % max_chunk as usize + 1;
         let fill = next();
         enc.write_chunk(device as u16, phase, &vec![fill; len], &mut out)
@@ -75,7 +79,8 @@ fn build(data: &[u8]) -> Vec<u8> {
         enc.abort("fuzz", &mut out).expect("abort before the end");
     } else {
         for d in 0..devices {
-            enc.end_device(d as u16, &mut out).expect("device not yet ended");
+            enc.end_device(d as u16, &mut out)
+                .expect("device not yet ended");
         }
         enc.end(&mut out).expect("every device ended");
     }
@@ -93,7 +98,10 @@ fn check(data: &[u8]) {
         let (spec, change) = rest.split_at(rest.len().min(48));
         let mut stream = build(spec);
         let (valid, _) = decode(&stream, piece);
-        assert!(valid.is_ok(), "encoder wrote a stream the decoder rejects: {valid:?}");
+        assert!(
+            valid.is_ok(),
+            "encoder wrote a stream the decoder rejects: {valid:?}"
+        );
         let at = change.first().map_or(0, |&b| usize::from(b) * 7) % stream.len();
         let xor = change.get(1).copied().unwrap_or(1).max(1);
         stream[at] ^= xor;
@@ -110,7 +118,8 @@ fn check(data: &[u8]) {
 
     let report = inspect(&stream[..]).expect("reading from a slice cannot fail");
     match (&whole, &report.integrity) {
-        (Ok(Outcome::Complete(_)), Integrity::Ok) | (Ok(Outcome::Aborted(_)), Integrity::Aborted { .. }) => {}
+        (Ok(Outcome::Complete(_)), Integrity::Ok)
+        | (Ok(Outcome::Aborted(_)), Integrity::Aborted { .. }) => {}
         (Err(e), Integrity::Truncated { offset, .. } | Integrity::Corrupt { offset, .. }) => {
             assert_eq!(e.offset, *offset)
         }

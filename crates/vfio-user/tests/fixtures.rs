@@ -119,7 +119,7 @@ fn assert_reencodes(rec: &Record, msg: &Message<'_>) {
 
     let header = msg.header().unwrap();
     let kind = header.kind().unwrap();
-    let Ok(cmd) = header.command_kind() else {
+    let Ok(cmd) = header.command() else {
         return;
     };
     if let (Some(prefix), false) = (data_prefix_len(cmd, kind), header.is_error()) {
@@ -155,7 +155,7 @@ fn check_truncated(rec: &Record, limits: &Limits) {
         rec.at()
     );
     let kind = header.check(limits).unwrap();
-    let cmd = header.command_kind().unwrap();
+    let cmd = header.command().unwrap();
     let prefix = data_prefix_len(cmd, kind)
         .unwrap_or_else(|| panic!("{}: truncated record without bulk data", rec.at()));
     let fixed = &rec.bytes[HEADER_SIZE..HEADER_SIZE + prefix];
@@ -216,11 +216,11 @@ fn every_recorded_message_round_trips_and_replies_answer_requests() {
                 rec.at()
             );
             limits.check_fds(rec.nfds).unwrap();
-            if let Ok(cmd) = header.command_kind() {
+            if let Ok(cmd) = header.command() {
                 assert_eq!(cmd.name(), rec.cmd_name, "{}", rec.at());
             }
             if rec.nfds > 0 {
-                let cmd = header.command_kind().unwrap();
+                let cmd = header.command().unwrap();
                 assert!(
                     matches!(
                         cmd,

@@ -91,7 +91,7 @@ fn length_mismatch() {
 fn too_large() {
     let limits = Limits::default();
     // Framing refuses a message above the limit before anything is read or allocated.
-    let mut h = Header::command(1, Command::MigDataWrite, 0).unwrap();
+    let mut h = Header::for_command(1, Command::MigDataWrite, 0).unwrap();
     h.msg_size = limits.max_msg_size + 1;
     let e = message_len(&h.to_bytes(), &limits).unwrap_err();
     assert!(
@@ -224,7 +224,7 @@ fn unsupported_dirty_pages() {
     ));
     assert_eq!(e.errno(), Errno::ENOSYS);
     assert_eq!(
-        Header::decode(&m).unwrap().command_kind().unwrap(),
+        Header::decode(&m).unwrap().command().unwrap(),
         Command::DirtyPages
     );
     let reply = Message::error_reply(&Header::decode(&m).unwrap(), Errno::ENOSYS);

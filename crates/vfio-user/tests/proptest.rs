@@ -461,7 +461,7 @@ proptest! {
 
         // Data-carrying messages fit their head in a stack buffer.
         let h = msg.header().unwrap();
-        if let (Ok(cmd), false) = (h.command_kind(), h.is_error()) {
+        if let (Ok(cmd), false) = (h.command(), h.is_error()) {
             if let Some(prefix) = data_prefix_len(cmd, h.kind().unwrap()) {
                 let mut stack = HeadBuf::new();
                 let bulk = msg.encode_head(&mut stack).unwrap();

@@ -210,7 +210,11 @@ impl Header {
     }
 
     /// Header of a command with `payload_len` bytes of payload.
-    pub fn command(msg_id: u16, cmd: Command, payload_len: usize) -> Result<Header, CodecError> {
+    pub fn for_command(
+        msg_id: u16,
+        cmd: Command,
+        payload_len: usize,
+    ) -> Result<Header, CodecError> {
         Ok(Header {
             msg_id,
             cmd: cmd.raw(),
@@ -243,7 +247,7 @@ impl Header {
     }
 
     /// The command, or [`CodecError::UnknownCommand`].
-    pub fn command_kind(&self) -> Result<Command, CodecError> {
+    pub fn command(&self) -> Result<Command, CodecError> {
         Command::try_from(self.cmd)
     }
 
@@ -470,7 +474,7 @@ mod tests {
     #[test]
     fn check_rejects_bad_sizes_and_flags() {
         let limits = Limits::default();
-        let ok = Header::command(1, Command::Version, 4).unwrap();
+        let ok = Header::for_command(1, Command::Version, 4).unwrap();
         assert_eq!(ok.check(&limits).unwrap(), MessageKind::Command);
         let small = Header { msg_size: 15, ..ok };
         assert!(matches!(
@@ -526,7 +530,9 @@ mod tests {
     #[test]
     fn framing_waits_for_a_header_then_gives_msg_size() {
         let limits = Limits::default();
-        let h = Header::command(3, Command::DmaMap, 32).unwrap().to_bytes();
+        let h = Header::for_command(3, Command::DmaMap, 32)
+            .unwrap()
+            .to_bytes();
         for n in 0..HEADER_SIZE {
             assert_eq!(message_len(&h[..n], &limits).unwrap(), None);
         }
@@ -548,10 +554,7 @@ mod tests {
             flags: 0,
             error: 0,
         };
-        assert!(matches!(
-            req.command_kind(),
-            Err(CodecError::UnknownCommand(99))
-        ));
+        assert!(matches!(req.command(), Err(CodecError::UnknownCommand(99))));
         let rep = Header::error_reply_to(&req, Errno::EINVAL);
         assert_eq!(
             rep.to_bytes(),

@@ -476,7 +476,7 @@ impl<'a> Body<'a> {
                 payload,
             }));
         }
-        let cmd = header.command_kind()?;
+        let cmd = header.command()?;
         Ok(match kind {
             MessageKind::Command => Body::Request(Request::decode(cmd, payload, limits)?),
             MessageKind::Reply => Body::Reply(Reply::decode(cmd, payload, limits)?),
