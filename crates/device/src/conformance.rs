@@ -3,23 +3,38 @@
 //! [`crate::Controller`], a remote vfio-user device or a kernel device.
 //!
 //! A [`ConformanceTarget`] hands out fresh devices of one kind (a source and a destination)
-//! and, optionally, a digest of a device's migratable state. Each check is a function
-//! returning `Result<(), ConformanceFailure>`; [`run_all`] runs every check and returns a
-//! serializable [`Report`] (for `vfio-mig check`); [`crate::migration_conformance_tests!`]
-//! stamps one `#[test]` per check into a device's test module:
+//! and, optionally, a digest of a device's migratable state; [`Target`] builds one from
+//! closures. Each check is a public function returning `Result<(), ConformanceFailure>`
+//! ([`CHECK_NAMES`] lists them); [`run_all`] runs every check and returns a serializable
+//! [`Report`]:
 //!
-//! ```ignore
-//! use vfio_mig_device::{conformance::Role, migration_conformance_tests, Controller, Dma};
+//! ```no_run
+//! use std::sync::Arc;
+//! use vfio_mig_device::conformance::{run_all, Role, Target};
+//! use vfio_mig_device::{DeviceError, MigrationDevice};
 //!
-//! migration_conformance_tests!(
-//!     register_conformance,
-//!     |role: Role| Controller::new(MyDevice::new(role.seed()), Dma::new()),
-//!     |device: &Controller<MyDevice>| Ok(device.with_device(|d| d.state_bytes()))
-//! );
+//! /// One long-lived device (e.g. remote): reset it for every check.
+//! fn connect() -> Arc<dyn MigrationDevice> {
+//!     unimplemented!("open the device")
+//! }
+//!
+//! let device = connect();
+//! let target = Target::new("vfio-user:/run/dev.sock", move |_role: Role| {
+//!     device.reset()?;
+//!     Ok(Arc::clone(&device))
+//! });
+//! let report = run_all(&target);
+//! println!("{report}");
+//! std::process::exit(if report.passed() { 0 } else { 1 });
 //! ```
 //!
 //! Checks never use a device after asking the target for another one, so a target may hand
-//! out the same long-lived device each time (reset first), as a remote device must.
+//! out the same long-lived device each time, as above. Factories of in-process devices
+//! should give the two [`Role`]s different initial contents, so that digest comparisons
+//! mean something.
+//!
+//! [`crate::migration_conformance_tests!`] stamps one `#[test]` per check into a device's
+//! test module; see its documentation.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -120,7 +135,7 @@ impl<D> fmt::Debug for Target<D> {
 }
 
 impl<D: MigrationDevice> Target<D> {
-    /// The default of [`Target::max_stream_bytes`]: 256 MiB.
+    /// The default of [`Target::with_max_stream_bytes`]: 256 MiB.
     pub const DEFAULT_MAX_STREAM_BYTES: u64 = 256 << 20;
 
     /// A target named `name` whose devices `factory` makes.
@@ -160,7 +175,7 @@ impl<D: MigrationDevice> Target<D> {
     }
 
     /// Reads at most `bytes` from one saving session.
-    pub fn max_stream_bytes(mut self, bytes: u64) -> Self {
+    pub fn with_max_stream_bytes(mut self, bytes: u64) -> Self {
         self.max_stream_bytes = bytes;
         self
     }
@@ -1555,20 +1570,40 @@ pub fn data_size_in_every_state<T: ConformanceTarget + ?Sized>(target: &T) -> Ch
 }
 
 /// Stamps one `#[test]` per conformance check into a new module, plus a test that the
-/// stamped list is the suite's whole list.
+/// stamped list is the suite's whole list. Three forms:
 ///
-/// ```ignore
-/// // A factory `Fn(Role) -> Result<D, DeviceError>`, D: MigrationDevice:
-/// migration_conformance_tests!(my_device_conformance, |role: Role| make(role));
-/// // The same, with a digest `Fn(&D) -> Result<Vec<u8>, DeviceError>` compared across a
-/// // migration:
-/// migration_conformance_tests!(my_device_conformance, |role: Role| make(role), |d: &D| digest(d));
-/// // Any ConformanceTarget (e.g. a `Target` with expected features and DMA-logging support):
-/// migration_conformance_tests!(my_device_conformance, target = my_target());
+/// ```no_run
+/// use std::sync::Arc;
+/// use vfio_mig_device::conformance::{Role, Target};
+/// use vfio_mig_device::{migration_conformance_tests, DeviceError, MigrationDevice, MigrationFeatures};
+///
+/// type Device = Arc<dyn MigrationDevice>;
+/// fn make(role: Role) -> Result<Device, DeviceError> {
+///     unimplemented!("a fresh device, seeded by role.seed()")
+/// }
+/// fn state_of(device: &Device) -> Result<Vec<u8>, DeviceError> {
+///     unimplemented!("the device's migratable state, or a digest of it")
+/// }
+///
+/// // A factory `Fn(Role) -> Result<D, DeviceError>` (D: MigrationDevice).
+/// migration_conformance_tests!(plain, make);
+/// // The same, with a digest `Fn(&D) -> Result<Vec<u8>, DeviceError>` compared across
+/// // every migration the suite makes.
+/// migration_conformance_tests!(with_digest, make, state_of);
+/// // Any ConformanceTarget, e.g. a Target with expectations.
+/// migration_conformance_tests!(
+///     expecting,
+///     target = Target::new("mine", make)
+///         .with_digest(state_of)
+///         .expect_features(MigrationFeatures::ALL)
+///         .expect_dma_logging(true)
+/// );
+/// # fn main() {}
 /// ```
 ///
 /// The expressions are evaluated inside the new module, which imports everything of the
-/// module the macro is invoked in (`use super::*`); each test evaluates them afresh.
+/// module the macro is invoked in (`use super::*`); each test evaluates them afresh. A
+/// failing test panics with the check's message and the device's errors.
 #[macro_export]
 macro_rules! migration_conformance_tests {
     (@stamp $module:ident, $target:expr; $($check:ident),* $(,)?) => {
