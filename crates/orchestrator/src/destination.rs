@@ -632,7 +632,7 @@ impl<'a> DestinationEngine<'a> {
         MigrationError {
             side: Side::Destination,
             stage: self.stage,
-            failure,
+            failure: Box::new(failure),
             recovery: Recovery {
                 side: Side::Destination,
                 outcome,

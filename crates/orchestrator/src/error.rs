@@ -1,6 +1,5 @@
 //! Why a migration failed, where, and what was done about it.
 
-use std::error::Error as _;
 use std::fmt;
 use std::io;
 use std::time::Duration;
@@ -329,9 +328,9 @@ pub struct MigrationError {
     pub side: Side,
     /// Where it was.
     pub stage: Stage,
-    /// What failed.
+    /// What failed (boxed: errors stay small on the success path).
     #[source]
-    pub failure: Failure,
+    pub failure: Box<Failure>,
     /// What this engine did about it.
     pub recovery: Recovery,
     /// Local migrations: what the other engine did.
@@ -341,13 +340,7 @@ pub struct MigrationError {
 impl MigrationError {
     /// One line for people: what failed (with every cause), where, and what was done.
     pub fn report(&self) -> String {
-        let mut line = self.failure.to_string();
-        let mut cause = self.failure.source();
-        while let Some(c) = cause {
-            line.push_str(": ");
-            line.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let mut line = chain(&*self.failure);
         line.push_str(&format!(
             " [{} {}]; {}",
             self.side, self.stage, self.recovery

@@ -48,7 +48,7 @@ pub fn migrate_local(
             Err(MigrationError {
                 side: Side::Destination,
                 stage: Stage::Discovery,
-                failure: Failure::Panicked,
+                failure: Box::new(Failure::Panicked),
                 recovery: Recovery {
                     side: Side::Destination,
                     outcome: RecoveryOutcome::Incomplete,
@@ -86,7 +86,7 @@ fn untouched(side: Side, devices: &[NamedDevice], failure: Failure) -> Migration
     MigrationError {
         side,
         stage: Stage::Discovery,
-        failure,
+        failure: Box::new(failure),
         recovery: Recovery {
             side,
             outcome: RecoveryOutcome::Untouched,

@@ -1086,7 +1086,7 @@ impl<'a> SourceEngine<'a> {
         MigrationError {
             side: Side::Source,
             stage: self.stage,
-            failure,
+            failure: Box::new(failure),
             recovery: Recovery {
                 side: Side::Source,
                 outcome,
@@ -1361,25 +1361,25 @@ struct ReaderCtx {
 enum Stop {
     /// The migration is being torn down; nothing to report.
     Cancelled,
-    Failed(Failure),
+    Failed(Box<Failure>),
 }
 
 impl ReaderCtx {
     fn device_failure(&self, op: DeviceOp, cause: vfio_mig_device::DeviceError) -> Stop {
-        Stop::Failed(Failure::Device {
+        Stop::Failed(Box::new(Failure::Device {
             index: self.index,
             name: self.name.clone(),
             op,
             cause,
-        })
+        }))
     }
 
     fn protocol(&self, problem: &str) -> Stop {
-        Stop::Failed(Failure::DeviceProtocol {
+        Stop::Failed(Box::new(Failure::DeviceProtocol {
             index: self.index,
             name: self.name.clone(),
             problem: problem.to_owned(),
-        })
+        }))
     }
 
     /// A free buffer, waiting while all are in flight.
@@ -1491,7 +1491,7 @@ fn reader_thread(mut ctx: ReaderCtx, mut stream: DataStream, cmds: Receiver<Read
             Err(Stop::Cancelled) => return,
             Err(Stop::Failed(f)) => {
                 if !ctx.cancel.load(Ordering::Relaxed) {
-                    let _ = ctx.reports.send(Report::ReaderFailed(f));
+                    let _ = ctx.reports.send(Report::ReaderFailed(*f));
                 }
                 return;
             }

@@ -244,12 +244,14 @@ impl Listener {
     /// Listens on `address` (`unix:PATH` or `tcp:HOST:PORT`; port 0 picks a free port).
     pub fn bind(address: &Address) -> io::Result<Listener> {
         let inner = match address {
-            Address::File(_) => return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
+            Address::File(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
                     "cannot listen on {address}: only unix: and tcp: addresses accept connections"
                 ),
-            )),
+                ))
+            }
             Address::Unix(path) => ListenerInner::Unix(UnixListener::bind(path)?, path.clone()),
             Address::Tcp { host, port } => {
                 ListenerInner::Tcp(TcpListener::bind((host.as_str(), *port))?)

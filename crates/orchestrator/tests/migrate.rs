@@ -165,7 +165,7 @@ fn several_devices_need_p2p_unless_the_risk_is_accepted() {
     let dn: Vec<_> = dsts.iter().map(|d| named("d", d)).collect();
     let err = migrate_local(&sn, &dn, &src_opts(), &dst_opts()).unwrap_err();
     assert!(
-        matches!(err.failure, Failure::P2pRequired { .. }),
+        matches!(*err.failure, Failure::P2pRequired { .. }),
         "{}",
         err.report()
     );
@@ -186,7 +186,7 @@ fn several_devices_need_p2p_unless_the_risk_is_accepted() {
     };
     let err = migrate_local(&sn, &dn, &src_ok, &dst_only).unwrap_err();
     assert!(
-        matches!(err.failure, Failure::Refused { .. }),
+        matches!(*err.failure, Failure::Refused { .. }),
         "{}",
         err.report()
     );
@@ -276,7 +276,7 @@ fn precopy_that_cannot_converge_switches_over_or_aborts_as_chosen() {
     let err =
         migrate_local(&[named("s", &src)], &[named("d", &dst)], &opts, &dst_opts()).unwrap_err();
     assert!(
-        matches!(err.failure, Failure::NotConverged { rounds: 3, .. }),
+        matches!(*err.failure, Failure::NotConverged { rounds: 3, .. }),
         "{}",
         err.report()
     );
@@ -344,7 +344,7 @@ fn load_refuses_corrupt_and_truncated_files_and_leaves_nothing_half_loaded() {
         let dst = blob(32 * KIB, 0x3, 9);
         let before = contents(&dst);
         let err = load(&path, &[named("d", &dst)], &dst_opts()).unwrap_err();
-        let Failure::Decode(decode) = &err.failure else {
+        let Failure::Decode(decode) = &*err.failure else {
             panic!("{what}: {}", err.report())
         };
         assert!(err.report().contains("offset"), "{what}: {}", err.report());
@@ -371,7 +371,7 @@ fn a_failed_save_restores_the_device_and_removes_the_file() {
     inject(&src, Hook::Read(8 * KIB), false);
     let err = save(&[named("s", &src)], &path, &src_opts()).unwrap_err();
     assert!(
-        matches!(err.failure, Failure::Device { .. }),
+        matches!(*err.failure, Failure::Device { .. }),
         "{}",
         err.report()
     );
