@@ -204,7 +204,12 @@ impl<D: Migratable> MigrationDevice for Controller<D> {
     }
 
     fn data_size(&self) -> Result<u64, DeviceError> {
-        self.lock().device.stop_copy_size()
+        let mut inner = self.lock();
+        let size = inner.device.stop_copy_size();
+        if let Err(e) = &size {
+            note_broken(&mut inner, e);
+        }
+        size
     }
 
     fn dma_logging_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<u64, DeviceError> {

@@ -130,6 +130,29 @@ fn a_broken_precopy_info_moves_to_error() {
 }
 
 #[test]
+fn a_broken_size_estimate_moves_to_error() {
+    let device = controller(MigrationFeatures::STOP_COPY, false, 1);
+    let mut stream = device.set_state(StopCopy).unwrap().unwrap();
+    device.with_device(|d| d.fault = Some((Hook::StopCopySize, Misbehave::Break(Errno::EIO))));
+
+    assert_eq!(device.data_size().unwrap_err().errno(), Errno::EIO);
+
+    assert_eq!(device.state().unwrap(), Error);
+    let mut buf = [0; 64];
+    assert_eq!(stream.read(&mut buf).unwrap_err().errno(), Errno::ENODEV);
+}
+
+#[test]
+fn a_failed_size_estimate_changes_nothing() {
+    let device = controller(MigrationFeatures::STOP_COPY, false, 1);
+    device.with_device(|d| d.fault = Some((Hook::StopCopySize, Misbehave::Fail(Errno::EAGAIN))));
+
+    assert_eq!(device.data_size().unwrap_err().errno(), Errno::EAGAIN);
+
+    assert_eq!(device.state().unwrap(), Running);
+}
+
+#[test]
 fn a_panicking_hook_leaves_error_until_reset() {
     let device = controller(MigrationFeatures::STOP_COPY, false, 1);
     device.with_device(|d| d.fault = Some((Hook::Stop, Misbehave::Panic)));

@@ -51,6 +51,7 @@ pub enum Hook {
     ResumeBegin,
     ResumeWrite,
     ResumeFinish,
+    StopCopySize,
 }
 
 /// What happens when the hook is called.
@@ -377,6 +378,7 @@ impl Migratable for TestDevice {
     }
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
+        self.enter(Hook::StopCopySize)?;
         Ok((STATE_LEN / CHUNK * DATA_RECORD + END_RECORD) as u64)
     }
 
