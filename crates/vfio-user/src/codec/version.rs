@@ -73,6 +73,52 @@ impl<'a> Version<'a> {
         self.json.as_deref()
     }
 
+    /// A VERSION payload carrying `capabilities` and, beside their keys, the `extensions`
+    /// (capability objects [`Capabilities`] does not model, such as a protocol extension's),
+    /// as compact JSON. An extension key that is also a standard capability's is refused
+    /// with [`CodecError::BadField`]. Decoding the result gives back `capabilities`
+    /// (unknown keys are ignored) and [`Version::capability_value`] gives the extensions.
+    pub fn with_extensions(
+        major: u16,
+        minor: u16,
+        capabilities: &Capabilities,
+        extensions: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, CodecError> {
+        let mut object = match serde_json::to_value(capabilities).map_err(CodecError::BadJson)? {
+            serde_json::Value::Object(object) => object,
+            _ => serde_json::Map::new(),
+        };
+        for (key, value) in extensions {
+            if object.contains_key(key) || STANDARD_KEYS.contains(&key.as_str()) {
+                return Err(CodecError::BadField {
+                    field: "VERSION capability extension",
+                    value: 0,
+                    reason: "an extension key must not be a standard capability",
+                });
+            }
+            object.insert(key.clone(), value.clone());
+        }
+        let mut doc = serde_json::Map::new();
+        doc.insert("capabilities".into(), serde_json::Value::Object(object));
+        let json = serde_json::to_string(&doc).map_err(CodecError::BadJson)?;
+        Ok(Version {
+            major,
+            minor,
+            json: Some(Cow::Owned(json)),
+            capabilities: capabilities.clone(),
+        })
+    }
+
+    /// The JSON value of capability `key` as sent, for keys [`Capabilities`] does not model
+    /// (protocol extensions); `None` when there is no JSON or no such key.
+    pub fn capability_value(&self, key: &str) -> Option<serde_json::Value> {
+        let text = self.json.as_deref()?;
+        let mut doc: serde_json::Value = serde_json::from_str(text).ok()?;
+        doc.get_mut("capabilities")?
+            .get_mut(key)
+            .map(serde_json::Value::take)
+    }
+
     /// Copies borrowed JSON text so the payload outlives the receive buffer.
     pub fn into_owned(self) -> Version<'static> {
         Version {
@@ -135,6 +181,17 @@ impl<'a> Payload<'a> for Version<'a> {
         Ok(Bulk::NONE)
     }
 }
+
+/// The capability keys [`Capabilities`] models.
+const STANDARD_KEYS: [&str; 7] = [
+    "max_msg_fds",
+    "max_data_xfer_size",
+    "max_dma_maps",
+    "pgsizes",
+    "migration",
+    "twin_socket",
+    "write_multiple",
+];
 
 /// The top-level JSON object: `{"capabilities": {...}}`; other keys are ignored.
 #[derive(Serialize, Deserialize, Default)]
@@ -324,6 +381,36 @@ mod tests {
 
     fn decode(bytes: &[u8]) -> Result<Version<'_>, CodecError> {
         Version::decode(bytes, &Limits::default())
+    }
+
+    #[test]
+    fn extensions_ride_beside_standard_capabilities() {
+        let caps = Capabilities {
+            max_msg_fds: Some(8),
+            ..Capabilities::default()
+        };
+        let mut ext = serde_json::Map::new();
+        ext.insert("vfio-mig".into(), serde_json::json!({"version": 1}));
+        let v = Version::with_extensions(0, 2, &caps, &ext).unwrap();
+        let mut bytes = Vec::new();
+        v.encode(&mut bytes).unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.capabilities(), &caps);
+        assert_eq!(
+            back.capability_value("vfio-mig"),
+            Some(serde_json::json!({"version": 1}))
+        );
+        assert_eq!(back.capability_value("other"), None);
+        assert_eq!(
+            Version::without_capabilities(0, 2).capability_value("vfio-mig"),
+            None
+        );
+        let mut clash = serde_json::Map::new();
+        clash.insert("migration".into(), serde_json::json!({}));
+        assert!(matches!(
+            Version::with_extensions(0, 2, &Capabilities::default(), &clash),
+            Err(CodecError::BadField { .. })
+        ));
     }
 
     #[test]
