@@ -10,7 +10,7 @@
 use std::fmt;
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -162,6 +162,13 @@ pub fn migrate_out(
     }
 }
 
+/// How far the writer got with the END record: whether the destination can have the
+/// whole stream decides between rollback and "outcome unknown".
+const END_NOT_SENT: u8 = 0;
+const END_WRITING: u8 = 1;
+const END_WRITTEN: u8 = 2;
+const END_FAILED: u8 = 3;
+
 /// Messages to the writer thread.
 enum WriterMsg {
     /// A chunk read from a device: `buf[FRAME_LEN..FRAME_LEN + len]` is the payload; the
@@ -263,8 +270,14 @@ struct SourceEngine<'a> {
     reports: Receiver<Report>,
     cancel: Arc<AtomicBool>,
     stream_bytes: Arc<AtomicU64>,
+    /// The coordinator has seen END written (reports after it are expected).
     end_written: bool,
+    /// The writer's progress with END (`END_*`), set by the writer itself.
+    end_state: Arc<AtomicU8>,
     switch_start: Option<(Instant, u64)>,
+    /// The destination's `running` and when it arrived: it may come before the writer has
+    /// reported END written.
+    running_ack: Option<(Ack, Instant)>,
     precopy_time: Duration,
     warnings: Vec<String>,
 }
@@ -298,7 +311,9 @@ impl<'a> SourceEngine<'a> {
             cancel: Arc::new(AtomicBool::new(false)),
             stream_bytes: Arc::new(AtomicU64::new(0)),
             end_written: false,
+            end_state: Arc::new(AtomicU8::new(END_NOT_SENT)),
             switch_start: None,
+            running_ack: None,
             precopy_time: Duration::ZERO,
             warnings: Vec::new(),
         }
@@ -578,6 +593,7 @@ impl<'a> SourceEngine<'a> {
             em: self.em.clone(),
             bytes: Arc::clone(&self.stream_bytes),
             transport: self.transport_name.clone(),
+            end_state: Arc::clone(&self.end_state),
         };
         let join = thread::Builder::new()
             .name("mig-src-writer".into())
@@ -714,8 +730,17 @@ impl<'a> SourceEngine<'a> {
                 match ack {
                     Ack::Refused { reason } => Err(Failure::Refused { reason }),
                     Ack::Failed { reason } => Err(Failure::DestinationFailed { reason }),
-                    other => Ok(Some(Report::Ack(other))),
+                    Ack::Running { .. } => {
+                        self.running_ack = Some((ack.clone(), Instant::now()));
+                        Ok(Some(Report::Ack(ack)))
+                    }
+                    Ack::Ready => Ok(Some(Report::Ack(ack))),
                 }
+            }
+            // The destination closes the connection once it runs: the normal end.
+            Report::BackChannelEnded(_) if self.running_ack.is_some() => {
+                self.back_closed = true;
+                Ok(None)
             }
             Report::BackChannelEnded(err) => {
                 self.back_closed = true;
@@ -975,37 +1000,36 @@ impl<'a> SourceEngine<'a> {
         }
         self.enter(Stage::Completion);
         let deadline = Instant::now() + self.opts.ack_timeout;
-        loop {
-            match self.next(Some(deadline), "running")? {
-                Report::Ack(Ack::Running {
-                    running_unix_us, ..
-                }) => {
-                    let arrived = Instant::now();
-                    let Some((t0, t0_unix)) = self.switch_start else {
-                        return Ok(None);
-                    };
-                    return Ok(Some(if self.opts.shared_clock {
-                        Downtime {
-                            duration: Duration::from_micros(
-                                running_unix_us.saturating_sub(t0_unix),
-                            ),
-                            clock: DowntimeClock::SharedClock,
-                        }
-                    } else {
-                        Downtime {
-                            duration: arrived.duration_since(t0),
-                            clock: DowntimeClock::AckReceipt,
-                        }
-                    }));
-                }
-                Report::Ack(other) => {
-                    return Err(Failure::UnexpectedAck {
-                        ack: ack_name(&other).into(),
-                    })
-                }
-                _ => {}
+        while self.running_ack.is_none() {
+            if let Report::Ack(other @ Ack::Ready) = self.next(Some(deadline), "running")? {
+                return Err(Failure::UnexpectedAck {
+                    ack: ack_name(&other).into(),
+                });
             }
         }
+        let (
+            Some((
+                Ack::Running {
+                    running_unix_us, ..
+                },
+                arrived,
+            )),
+            Some((t0, t0_unix)),
+        ) = (&self.running_ack, self.switch_start)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(if self.opts.shared_clock {
+            Downtime {
+                duration: Duration::from_micros(running_unix_us.saturating_sub(t0_unix)),
+                clock: DowntimeClock::SharedClock,
+            }
+        } else {
+            Downtime {
+                duration: arrived.duration_since(t0),
+                clock: DowntimeClock::AckReceipt,
+            }
+        }))
     }
 
     /// Success: the source devices leave STOP_COPY for STOP. A failure here is only a
@@ -1038,7 +1062,7 @@ impl<'a> SourceEngine<'a> {
     fn fail(&mut self, failure: Failure) -> MigrationError {
         tracing::debug!("source failed in {}: {}", self.stage, chain(&failure));
         self.cancel.store(true, Ordering::SeqCst);
-        let outcome_unknown = self.end_written
+        let outcome_unknown = self.end_reached_transport()
             && self.back_channel
             && matches!(
                 failure,
@@ -1094,6 +1118,22 @@ impl<'a> SourceEngine<'a> {
                 peer_notified,
             },
             peer_recovery: None,
+        }
+    }
+
+    /// Whether all of END reached the transport (so the destination may have completed and
+    /// be running), waiting out a write of END in progress.
+    fn end_reached_transport(&self) -> bool {
+        let deadline = Instant::now() + self.opts.io_timeout.unwrap_or(Duration::from_secs(60));
+        loop {
+            match self.end_state.load(Ordering::SeqCst) {
+                END_WRITING if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                // Still writing at the deadline: assume the worst, never run twice.
+                END_WRITING | END_WRITTEN => return true,
+                _ => return false,
+            }
         }
     }
 
@@ -1162,6 +1202,12 @@ impl<'a> SourceEngine<'a> {
                 let mut bytes = Vec::new();
                 encoder.abort(reason, &mut bytes).is_ok()
                     && out.write_all(&bytes).and_then(|_| out.flush()).is_ok()
+            }
+            // After END nothing may follow; a finished writer cannot write anyway.
+            WriterSlot::Running { join, .. }
+                if self.end_state.load(Ordering::SeqCst) != END_NOT_SENT || join.is_finished() =>
+            {
+                false
             }
             WriterSlot::Running { abort, .. } => {
                 *abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
@@ -1261,6 +1307,7 @@ struct WriterCtx {
     em: Emitter,
     bytes: Arc<AtomicU64>,
     transport: String,
+    end_state: Arc<AtomicU8>,
 }
 
 fn writer_thread(mut w: WriterCtx) {
@@ -1333,7 +1380,14 @@ fn writer_loop(w: &mut WriterCtx) -> Result<(), Failure> {
             WriterMsg::End => {
                 small.clear();
                 w.encoder.end(&mut small).map_err(Failure::Encode)?;
-                w.out.write_all(&small).map_err(io_err)?;
+                w.end_state.store(END_WRITING, Ordering::SeqCst);
+                if let Err(e) = w.out.write_all(&small) {
+                    // Not all of END reached the transport: the destination cannot
+                    // complete.
+                    w.end_state.store(END_FAILED, Ordering::SeqCst);
+                    return Err(io_err(e));
+                }
+                w.end_state.store(END_WRITTEN, Ordering::SeqCst);
                 w.out.flush().map_err(io_err)?;
                 let total =
                     w.bytes.fetch_add(small.len() as u64, Ordering::Relaxed) + small.len() as u64;

@@ -190,7 +190,9 @@ fn a_failing_destination_rolls_the_source_back() {
             RecoveryOutcome::RolledBack,
         ),
     ] {
-        let p = Pair::new(32 * KIB, 0x7);
+        // Big enough that the socket buffers cannot hold it: the source is still
+        // precopying when the destination's write fails.
+        let p = Pair::new(1024 * KIB, 0x7);
         inject(&p.dst, hook, false);
         let err = p.migrate().unwrap_err();
         let what = format!("{hook:?}");
@@ -199,7 +201,17 @@ fn a_failing_destination_rolls_the_source_back() {
             "{what}: {}",
             err.report()
         );
-        assert_eq!(err.stage, src_stage, "{what}");
+        // After END the source may not yet have seen its writer finish: stop-copy or
+        // completion are both where it was.
+        if src_stage == Stage::Completion {
+            assert!(
+                matches!(err.stage, Stage::StopCopy | Stage::Completion),
+                "{what}: {:?}",
+                err.stage
+            );
+        } else {
+            assert_eq!(err.stage, src_stage, "{what}");
+        }
         assert_eq!(err.recovery.outcome, src_outcome, "{what}");
         let dst = err.peer_recovery.as_ref().unwrap();
         assert_eq!(dst.outcome, RecoveryOutcome::Reset, "{what}");
@@ -220,7 +232,7 @@ fn a_destination_that_fails_to_start_after_validation_is_reset_and_the_source_ru
         "{}",
         err.report()
     );
-    assert_eq!(err.stage, Stage::Completion);
+    assert!(matches!(err.stage, Stage::StopCopy | Stage::Completion));
     assert_eq!(err.recovery.outcome, RecoveryOutcome::RolledBack);
     assert_eq!(p.dst.with_device(|b| b.resets), 1);
     assert_eq!(state(&p.src), DeviceState::Running);
@@ -343,7 +355,7 @@ fn a_lost_final_answer_leaves_the_source_stopped_not_running_twice() {
         matches!(
             *err.failure,
             Failure::DestinationVanished {
-                stage: Stage::Completion
+                stage: Stage::StopCopy | Stage::Completion
             }
         ),
         "{}",
