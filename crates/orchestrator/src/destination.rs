@@ -107,6 +107,7 @@ pub fn migrate_in(
         acks: writer,
         producer: String::new(),
         stream_bytes: 0,
+        pool: None,
         warnings: Vec::new(),
     };
     let Some(mut reader) = reader else {
@@ -123,8 +124,8 @@ pub fn migrate_in(
 }
 
 struct DevWriter {
-    tx: Option<SyncSender<Vec<u8>>>,
-    pool: Receiver<Vec<u8>>,
+    /// Chunks (buffer, payload length) in stream order.
+    tx: Option<SyncSender<(Vec<u8>, usize)>>,
     join: JoinHandle<Result<(u64, DataStream), Failure>>,
 }
 
@@ -153,7 +154,20 @@ struct DestinationEngine<'a> {
     acks: Option<Box<dyn Write + Send>>,
     producer: String,
     stream_bytes: u64,
+    /// Chunk buffers shared by all devices (created once the devices are accepted).
+    pool: Option<(SyncSender<Vec<u8>>, Receiver<Vec<u8>>)>,
     warnings: Vec<String>,
+}
+
+/// Record bodies at least this long are read straight into a pooled buffer.
+const DIRECT_MIN: usize = 4096;
+
+fn truncated(decoder: &mut Decoder) -> Failure {
+    match decoder.finish() {
+        Err(e) => Failure::Decode(e),
+        // A stream that ended properly demands no more bytes, so is never read past.
+        Ok(_) => Failure::Panicked,
+    }
 }
 
 impl<'a> DestinationEngine<'a> {
@@ -177,70 +191,19 @@ impl<'a> DestinationEngine<'a> {
         let mut meter = ProgressMeter::new();
         let mut end_at = None;
         while end_at.is_none() {
-            let into = decoder.demand();
-            if into.is_empty() {
+            let want = decoder.demand().len();
+            if want == 0 {
                 // Only after END or ABORT, which end this loop, or a failed decoder, which
                 // returned its error already.
                 break;
             }
-            let n = loop {
-                match reader.read(into) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(Failure::transport(
-                            "reading the stream",
-                            &self.transport_name,
-                            e,
-                        ))
-                    }
-                }
+            end_at = if want >= DIRECT_MIN && self.pool.is_some() {
+                self.read_direct(reader, &mut decoder, want)?
+            } else {
+                self.read_small(reader, &mut decoder)?
             };
-            if n == 0 {
-                return Err(match decoder.finish() {
-                    Err(e) => Failure::Decode(e),
-                    // Unreachable: a finished stream demands no more bytes.
-                    Ok(_) => Failure::Panicked,
-                });
-            }
-            self.stream_bytes += n as u64;
             if self.stage == Stage::Receiving {
                 meter.update(&self.em, Stage::Receiving, self.stream_bytes, false);
-            }
-            let Some(event) = decoder.commit(n).map_err(Failure::Decode)? else {
-                continue;
-            };
-            match event {
-                StreamEvent::Header(h) => {
-                    self.producer = h.producer.clone();
-                    if usize::from(h.device_count) != self.devices.len() {
-                        return Err(Failure::DeviceCount {
-                            stream: h.device_count,
-                            local: self.devices.len(),
-                        });
-                    }
-                }
-                StreamEvent::Device { index, info } => {
-                    let last = usize::from(index) + 1 == self.devices.len();
-                    self.describe(index, info)?;
-                    if last {
-                        self.accept()?;
-                    }
-                }
-                StreamEvent::Data(chunk) => {
-                    self.deliver(usize::from(chunk.device), chunk.payload)?
-                }
-                StreamEvent::DeviceEnd { device, totals } => {
-                    let d = &mut self.devs[usize::from(device)];
-                    d.totals = totals;
-                    if let Some(w) = d.writer.as_mut() {
-                        // Closing the channel ends the device's writer once it has written
-                        // everything.
-                        w.tx = None;
-                    }
-                }
-                StreamEvent::End(_) => end_at = Some(Instant::now()),
-                StreamEvent::Abort { reason } => return Err(Failure::SourceAborted { reason }),
             }
         }
         meter.update(&self.em, Stage::Receiving, self.stream_bytes, true);
@@ -248,6 +211,160 @@ impl<'a> DestinationEngine<'a> {
             return Err(Failure::Panicked);
         };
         self.resume(end_at)
+    }
+
+    /// One read into the decoder's own buffer (headers, frames, small records); returns the
+    /// time END arrived, if it did.
+    fn read_small(
+        &mut self,
+        reader: &mut Box<dyn Read + Send>,
+        decoder: &mut Decoder,
+    ) -> Result<Option<Instant>, Failure> {
+        let n = self.read_some(reader, decoder.demand())?;
+        if n == 0 {
+            return Err(truncated(decoder));
+        }
+        match decoder.commit(n).map_err(Failure::Decode)? {
+            Some(event) => self.on_event(event),
+            None => Ok(None),
+        }
+    }
+
+    /// A large record body (a DATA payload) read straight into a pooled buffer, decoded in
+    /// place there, and handed to the device's writer as it is: no copy.
+    fn read_direct(
+        &mut self,
+        reader: &mut Box<dyn Read + Send>,
+        decoder: &mut Decoder,
+        want: usize,
+    ) -> Result<Option<Instant>, Failure> {
+        let mut buf = self.take_buffer()?;
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let mut got = 0;
+        while got < want {
+            let n = self.read_some(reader, &mut buf[got..want])?;
+            if n == 0 {
+                // Let the decoder see what arrived, so its error names the right offset.
+                let _ = decoder.feed(&buf[..got]);
+                return Err(truncated(decoder));
+            }
+            got += n;
+        }
+        let (_, event) = decoder.feed(&buf[..want]).map_err(Failure::Decode)?;
+        match event {
+            Some(StreamEvent::Data(chunk)) => {
+                // The whole record was in the input, so the payload is `buf[..want]`.
+                let (device, len) = (usize::from(chunk.device), chunk.payload.len());
+                debug_assert_eq!(len, want);
+                self.deliver(device, buf, len)?;
+                Ok(None)
+            }
+            Some(event) => {
+                let end = self.on_event(event);
+                self.return_buffer(buf);
+                end
+            }
+            None => {
+                self.return_buffer(buf);
+                Ok(None)
+            }
+        }
+    }
+
+    fn read_some(
+        &mut self,
+        reader: &mut Box<dyn Read + Send>,
+        into: &mut [u8],
+    ) -> Result<usize, Failure> {
+        loop {
+            match reader.read(into) {
+                Ok(n) => {
+                    self.stream_bytes += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Failure::transport(
+                        "reading the stream",
+                        &self.transport_name,
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Acts on one decoded record; returns the time END arrived, if this was END.
+    fn on_event(&mut self, event: StreamEvent<'_>) -> Result<Option<Instant>, Failure> {
+        match event {
+            StreamEvent::Header(h) => {
+                self.producer = h.producer.clone();
+                if usize::from(h.device_count) != self.devices.len() {
+                    return Err(Failure::DeviceCount {
+                        stream: h.device_count,
+                        local: self.devices.len(),
+                    });
+                }
+            }
+            StreamEvent::Device { index, info } => {
+                let last = usize::from(index) + 1 == self.devices.len();
+                self.describe(index, info)?;
+                if last {
+                    self.accept()?;
+                }
+            }
+            StreamEvent::Data(chunk) => {
+                let mut buf = self.take_buffer()?;
+                buf.clear();
+                buf.extend_from_slice(chunk.payload);
+                let len = buf.len();
+                self.deliver(usize::from(chunk.device), buf, len)?;
+            }
+            StreamEvent::DeviceEnd { device, totals } => {
+                let d = &mut self.devs[usize::from(device)];
+                d.totals = totals;
+                if let Some(w) = d.writer.as_mut() {
+                    // Closing the channel ends the device's writer once it has written
+                    // everything.
+                    w.tx = None;
+                }
+            }
+            StreamEvent::End(_) => return Ok(Some(Instant::now())),
+            StreamEvent::Abort { reason } => return Err(Failure::SourceAborted { reason }),
+        }
+        Ok(None)
+    }
+
+    /// A free buffer from the pool shared by the devices' writers; fails if a writer died
+    /// (it will not give its buffers back).
+    fn take_buffer(&mut self) -> Result<Vec<u8>, Failure> {
+        loop {
+            let Some((_, pool)) = &self.pool else {
+                return Err(Failure::Panicked);
+            };
+            match pool.recv_timeout(Duration::from_millis(50)) {
+                Ok(buf) => return Ok(buf),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Failure::Panicked),
+            }
+            let dead = self.devs.iter().position(|d| {
+                d.writer
+                    .as_ref()
+                    .is_some_and(|w| w.tx.is_some() && w.join.is_finished())
+            });
+            if let Some(i) = dead {
+                return Err(self.writer_failure(i));
+            }
+        }
+    }
+
+    fn return_buffer(&self, buf: Vec<u8>) {
+        if let Some((home, _)) = &self.pool {
+            // The pool has room for every buffer there is.
+            let _ = home.try_send(buf);
+        }
     }
 
     /// Records the stream's description of device `index` and reads the local device's.
@@ -345,6 +462,12 @@ impl<'a> DestinationEngine<'a> {
             }
         }
         self.enter(Stage::Handshake);
+        let buffers = self.devs.len() * self.opts.buffers_per_device;
+        let (home, pool) = mpsc::sync_channel(buffers);
+        for _ in 0..buffers {
+            // Grown to the chunk size on first use.
+            let _ = home.send(Vec::new());
+        }
         for i in 0..self.devs.len() {
             let stream = self.transition(i, DeviceState::Resuming)?;
             let d = &self.devs[i];
@@ -355,23 +478,15 @@ impl<'a> DestinationEngine<'a> {
                     problem: "entering resuming opened no stream".into(),
                 });
             };
-            let k = self.opts.buffers_per_device;
-            let (home, pool) = mpsc::sync_channel(k);
-            for _ in 0..k {
-                let _ = home.send(Vec::new());
-            }
-            let (tx, rx) = mpsc::sync_channel(k);
-            let (index, name) = (d.index, d.named.name.clone());
+            let (tx, rx) = mpsc::sync_channel(self.opts.buffers_per_device);
+            let (index, name, home) = (d.index, d.named.name.clone(), home.clone());
             let join = thread::Builder::new()
                 .name(format!("mig-dst-write{index}"))
                 .spawn(move || device_writer(index, name, stream, rx, home))
                 .expect("spawning a thread");
-            self.devs[i].writer = Some(DevWriter {
-                tx: Some(tx),
-                pool,
-                join,
-            });
+            self.devs[i].writer = Some(DevWriter { tx: Some(tx), join });
         }
+        self.pool = Some((home, pool));
         self.send_ack(&Ack::Ready)?;
         self.enter(Stage::Receiving);
         Ok(())
@@ -391,20 +506,11 @@ impl<'a> DestinationEngine<'a> {
         Ok(())
     }
 
-    /// Hands a chunk to its device's writer (waiting for a free buffer).
-    fn deliver(&mut self, i: usize, payload: &[u8]) -> Result<(), Failure> {
-        let sent = {
-            let Some(w) = self.devs[i].writer.as_mut() else {
-                return Err(Failure::Panicked);
-            };
-            match (w.pool.recv(), &w.tx) {
-                (Ok(mut buf), Some(tx)) => {
-                    buf.clear();
-                    buf.extend_from_slice(payload);
-                    tx.send(buf).is_ok()
-                }
-                _ => false,
-            }
+    /// Hands a chunk (`buf[..len]`) to its device's writer.
+    fn deliver(&mut self, i: usize, buf: Vec<u8>, len: usize) -> Result<(), Failure> {
+        let sent = match self.devs[i].writer.as_ref().and_then(|w| w.tx.as_ref()) {
+            Some(tx) => tx.send((buf, len)).is_ok(),
+            None => false,
         };
         if sent {
             Ok(())
@@ -673,18 +779,18 @@ fn device_writer(
     index: u16,
     name: String,
     mut stream: DataStream,
-    rx: Receiver<Vec<u8>>,
+    rx: Receiver<(Vec<u8>, usize)>,
     home: SyncSender<Vec<u8>>,
 ) -> Result<(u64, DataStream), Failure> {
     let mut bytes = 0u64;
-    for buf in rx {
-        write_all(&mut *stream, &buf).map_err(|cause| Failure::Device {
+    for (buf, len) in rx {
+        write_all(&mut *stream, &buf[..len]).map_err(|cause| Failure::Device {
             index,
             name: name.clone(),
             op: DeviceOp::Write,
             cause,
         })?;
-        bytes += buf.len() as u64;
+        bytes += len as u64;
         // The engine may have stopped taking buffers back (it is failing): then drop it.
         let _ = home.send(buf);
     }
