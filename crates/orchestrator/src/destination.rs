@@ -155,9 +155,12 @@ struct DestinationEngine<'a> {
     producer: String,
     stream_bytes: u64,
     /// Chunk buffers shared by all devices (created once the devices are accepted).
-    pool: Option<(SyncSender<Vec<u8>>, Receiver<Vec<u8>>)>,
+    pool: Option<BufferPool>,
     warnings: Vec<String>,
 }
+
+/// Where free chunk buffers are returned, and where they are taken from.
+type BufferPool = (SyncSender<Vec<u8>>, Receiver<Vec<u8>>);
 
 /// Record bodies at least this long are read straight into a pooled buffer.
 const DIRECT_MIN: usize = 4096;
