@@ -1,0 +1,514 @@
+//! A vfio-user client: one connection to any vfio-user server (vfio-mig's or libvfio-user's),
+//! with the device operations of the protocol and a [`MigrationDevice`] on top.
+//!
+//! * [`Client::connect`] opens the socket and negotiates VERSION: it announces its own
+//!   limits (`max_msg_fds`, `max_data_xfer_size`) and the `"vfio-mig"` extension object, and
+//!   derives the effective limits from the server's reply ([`Negotiated`]).
+//! * Every operation is one request and its reply, matched by msg_id and command. An error
+//!   reply (with or without payload) becomes [`ClientError::Remote`] with the server's errno.
+//!   A server-to-client command (DMA_READ / DMA_WRITE) arriving while a reply is awaited is
+//!   answered with an error reply (this client maps all DMA memory with fds) and the wait
+//!   goes on, so the stream never loses its place.
+//! * [`RemoteDevice`] implements [`MigrationDevice`] over a shared [`Client`];
+//!   [`RemoteStream`] carries a data session over MIG_DATA_READ / MIG_DATA_WRITE, reading
+//!   straight into the caller's buffer and writing straight from it.
+//!
+//! `Client` is `Send + Sync`: a mutex serialises request/reply pairs on the one connection.
+//! A transport failure (or a reply that does not belong to the request) leaves the byte
+//! stream in an unknown place, so the client refuses every later request with
+//! [`ClientError::Broken`].
+//!
+//! [`MigrationDevice`]: vfio_mig_device::MigrationDevice
+
+mod ops;
+mod remote;
+
+use std::fmt;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use vfio_mig_device::DeviceError;
+use vfio_mig_uapi::Errno;
+
+use crate::codec::{
+    Body, Capabilities, CodecError, Command, Header, Limits, Message, MessageKind, Payload, Reply,
+    Request, Version, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE, VERSION_MAJOR, VERSION_MINOR,
+};
+use crate::extension::{ExtensionError, VfioMigCapability, LEGACY_MAX_PAYLOAD};
+use crate::socket::{Connection, Incoming, SocketError};
+
+pub use ops::RegionDescription;
+pub use remote::{RemoteDevice, RemoteStream};
+
+/// What the client announces and accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Largest data transfer the client accepts in one message (announced as
+    /// `max_data_xfer_size`; the server sizes its replies and DMA requests by it).
+    pub max_data_xfer_size: u32,
+    /// Most fds the client accepts with one message (announced as `max_msg_fds`).
+    pub max_msg_fds: u32,
+    /// Announce the `"vfio-mig"` extension object (a standard server ignores it).
+    pub announce_extensions: bool,
+    /// Read and write timeout on the socket; `None` waits forever.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    /// 1 MiB transfers, 8 fds, extensions announced, no timeout.
+    fn default() -> Self {
+        ClientOptions {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+            max_msg_fds: 8,
+            announce_extensions: true,
+            timeout: None,
+        }
+    }
+}
+
+/// What VERSION negotiation settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Negotiated {
+    /// The protocol version the server agreed to (major, minor).
+    pub version: (u16, u16),
+    /// The server's capabilities as it sent them.
+    pub server: Capabilities,
+    /// The server's `"vfio-mig"` object, if both sides announced the extension.
+    pub extension: Option<VfioMigCapability>,
+    /// What this client accepts from the server (its own announced limits).
+    pub incoming: Limits,
+    /// Largest data asked for in one REGION_READ or MIG_DATA_READ: the smaller of both
+    /// sides' `max_data_xfer_size`.
+    pub max_read: u32,
+    /// Largest payload of one client-to-server message, if capped: [`LEGACY_MAX_PAYLOAD`]
+    /// unless the server announced whole-message reads.
+    pub max_payload: Option<u32>,
+    /// Largest data of one REGION_WRITE or MIG_DATA_WRITE before the payload cap: the
+    /// server's `max_data_xfer_size`.
+    pub max_write: u32,
+    /// Most fds sent with one message: the server's `max_msg_fds`.
+    pub max_fds: u32,
+}
+
+impl Negotiated {
+    /// Data bytes one write message may carry after a fixed part of `prefix` bytes.
+    pub fn write_chunk(&self, prefix: usize) -> usize {
+        let by_xfer = self.max_write as usize;
+        match self.max_payload {
+            Some(cap) => by_xfer.min((cap as usize).saturating_sub(prefix)).max(1),
+            None => by_xfer.max(1),
+        }
+    }
+
+    /// Whether the server answers precopy info (extension feature `0xF001`).
+    pub fn precopy_info(&self) -> bool {
+        self.extension
+            .as_ref()
+            .is_some_and(VfioMigCapability::offers_precopy_info)
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed or the server went away.
+    #[error("vfio-user connection failed")]
+    Socket(#[source] SocketError),
+    /// The server answered the command with an error reply.
+    #[error("server refused {command}: {errno}")]
+    Remote {
+        /// The command (raw number; it may be one this codec does not know).
+        command: u16,
+        /// The errno of the error reply.
+        errno: Errno,
+    },
+    /// A message could not be encoded, or a reply could not be decoded.
+    #[error("bad vfio-user message")]
+    Codec(#[source] CodecError),
+    /// A reply decoded but does not answer the request the way the protocol says.
+    #[error("bad reply to {command}: {reason}")]
+    BadReply {
+        /// The command answered.
+        command: Command,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The server sent a reply to a different request: the stream is out of step.
+    #[error("expected the reply to message {expected_id} ({expected_cmd}), got message {got_id} command {got_cmd}")]
+    UnexpectedReply {
+        /// msg_id of the request.
+        expected_id: u16,
+        /// Command of the request.
+        expected_cmd: Command,
+        /// msg_id received.
+        got_id: u16,
+        /// Command number received.
+        got_cmd: u16,
+    },
+    /// VERSION negotiation failed.
+    #[error("version negotiation failed: {0}")]
+    Negotiation(String),
+    /// The server's `"vfio-mig"` object is malformed.
+    #[error("bad vfio-mig extension announcement")]
+    Extension(#[source] ExtensionError),
+    /// An argument is out of the protocol's or the negotiated range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The server did less than asked (a short region read or write).
+    #[error("{command} did {done} of {asked} bytes")]
+    Short {
+        /// The command.
+        command: Command,
+        /// Bytes done.
+        done: usize,
+        /// Bytes asked for.
+        asked: usize,
+    },
+    /// An earlier failure left the connection out of step; reconnect.
+    #[error("connection unusable after an earlier failure: {0}")]
+    Broken(String),
+}
+
+impl ClientError {
+    /// The errno this failure maps to: the server's for an error reply, `EINVAL` for a bad
+    /// argument, `ECONNRESET` / the OS errno for transport failures, `EPROTO` for protocol
+    /// violations.
+    pub fn errno(&self) -> Errno {
+        match self {
+            ClientError::Remote { errno, .. } => *errno,
+            ClientError::InvalidArgument(_) => Errno::EINVAL,
+            ClientError::Short { .. } => Errno::EIO,
+            ClientError::Socket(e) if e.is_disconnect() => Errno::ECONNRESET,
+            ClientError::Socket(SocketError::Io(e)) => Errno::from_io(e),
+            ClientError::Broken(_) => Errno::ENOTCONN,
+            ClientError::Socket(_)
+            | ClientError::Codec(_)
+            | ClientError::BadReply { .. }
+            | ClientError::UnexpectedReply { .. }
+            | ClientError::Negotiation(_)
+            | ClientError::Extension(_) => Errno::EPROTO,
+        }
+    }
+
+    /// A [`DeviceError`] with this failure's errno, `context` as its message and this error
+    /// as its source.
+    pub fn into_device_error(self, context: impl Into<String>) -> DeviceError {
+        let context = context.into();
+        DeviceError::new(self.errno(), format!("{context}: {self}")).with_source(self)
+    }
+}
+
+impl From<CodecError> for ClientError {
+    fn from(e: CodecError) -> Self {
+        ClientError::Codec(e)
+    }
+}
+
+/// The connection and its msg_id counter, behind the client's mutex.
+struct Wire {
+    conn: Connection,
+    next_id: u16,
+    broken: Option<String>,
+}
+
+impl Wire {
+    fn take_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    fn fail(&mut self, err: ClientError) -> ClientError {
+        if self.broken.is_none() {
+            self.broken = Some(err.to_string());
+        }
+        err
+    }
+}
+
+/// A reply handed to an exchange's handler.
+enum Answer<'a> {
+    /// A decoded successful reply, with the fds that came with it.
+    Reply(Reply<'a>, Vec<OwnedFd>),
+    /// A data reply whose data went into the destination buffer.
+    Direct {
+        prefix: &'a [u8],
+        len: usize,
+        trailing: &'a [u8],
+    },
+}
+
+/// A connection to a vfio-user server.
+pub struct Client {
+    wire: Mutex<Wire>,
+    negotiated: Negotiated,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("negotiated", &self.negotiated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the server at `path` and negotiates with default options.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_with(path, ClientOptions::default())
+    }
+
+    /// Connects to the server at `path` and negotiates with `options`.
+    pub fn connect_with(
+        path: impl AsRef<Path>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| ClientError::Socket(SocketError::Io(e)))?;
+        Client::from_stream(stream, options)
+    }
+
+    /// Negotiates over an already connected socket.
+    pub fn from_stream(stream: UnixStream, options: ClientOptions) -> Result<Client, ClientError> {
+        if options.max_data_xfer_size == 0 {
+            return Err(ClientError::InvalidArgument(
+                "max_data_xfer_size must be at least 1".into(),
+            ));
+        }
+        stream
+            .set_read_timeout(options.timeout)
+            .and_then(|()| stream.set_write_timeout(options.timeout))
+            .map_err(|e| ClientError::Socket(SocketError::Io(e)))?;
+        let mut conn = Connection::new(stream);
+        let negotiated = negotiate(&mut conn, &options)?;
+        tracing::debug!(?negotiated, "vfio-user version negotiated");
+        Ok(Client {
+            wire: Mutex::new(Wire {
+                conn,
+                next_id: 1,
+                broken: None,
+            }),
+            negotiated,
+        })
+    }
+
+    /// What negotiation settled.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    /// Whether an earlier failure made the connection unusable.
+    pub fn is_broken(&self) -> bool {
+        self.lock_wire().broken.is_some()
+    }
+
+    fn lock_wire(&self) -> MutexGuard<'_, Wire> {
+        // A panic while holding the lock cannot leave the Wire half-updated in a way the
+        // `broken` flag does not cover: every step that can desync sets it first.
+        self.wire.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `request` with `fds` and waits for its reply; `handle` gets the reply and `dest`
+    /// back. When `dest` is given, a reply's bulk data is received straight into it
+    /// ([`Answer::Direct`]) if it fits; otherwise the handler copies it from the reply.
+    fn exchange<T>(
+        &self,
+        request: Request<'_>,
+        fds: &[BorrowedFd<'_>],
+        mut dest: Option<&mut [u8]>,
+        handle: impl FnOnce(Answer<'_>, Option<&mut [u8]>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut wire = self.lock_wire();
+        if let Some(why) = &wire.broken {
+            return Err(ClientError::Broken(why.clone()));
+        }
+        let limits = self.negotiated.incoming;
+        let id = wire.take_id();
+        let command = request.command();
+        let message = Message::request(id, request);
+        if let Err(e) = wire.conn.send_message(&message, fds) {
+            return Err(match e {
+                // Nothing was written: the stream is still in step.
+                SocketError::Codec(c) => ClientError::Codec(c),
+                e => wire.fail(ClientError::Socket(e)),
+            });
+        }
+        let Body::Request(request) = &message.body else {
+            unreachable!("Message::request builds a request body");
+        };
+        loop {
+            let received = match dest.as_deref_mut() {
+                Some(d) => wire.conn.recv_into(&limits, d),
+                None => wire.conn.recv(&limits).map(Incoming::Whole),
+            };
+            let incoming = match received {
+                Ok(i) => i,
+                Err(SocketError::TooManyFds { header, .. })
+                    if header.kind().ok() == Some(MessageKind::Command) =>
+                {
+                    // Consumed whole; refuse it and keep waiting for our reply.
+                    let reply = Message::error_reply(&header, Errno::EINVAL);
+                    if let Err(e) = wire.conn.send_message(&reply, &[]) {
+                        return Err(wire.fail(ClientError::Socket(e)));
+                    }
+                    continue;
+                }
+                Err(e @ SocketError::TooManyFds { header, .. })
+                    if header.msg_id == id && header.cmd == command.raw() =>
+                {
+                    return Err(ClientError::Socket(e));
+                }
+                Err(e) => return Err(wire.fail(ClientError::Socket(e))),
+            };
+            let header = match &incoming {
+                Incoming::Whole(r) => r.header(),
+                Incoming::Data { header, .. } => *header,
+            };
+            if header.kind().ok() == Some(MessageKind::Command) {
+                let no_reply = header.no_reply();
+                drop(incoming);
+                refuse_server_command(&mut wire, &header, no_reply)?;
+                continue;
+            }
+            if header.msg_id != id || header.cmd != command.raw() {
+                return Err(wire.fail(ClientError::UnexpectedReply {
+                    expected_id: id,
+                    expected_cmd: command,
+                    got_id: header.msg_id,
+                    got_cmd: header.cmd,
+                }));
+            }
+            if header.is_error() {
+                return Err(ClientError::Remote {
+                    command: header.cmd,
+                    errno: header.errno(),
+                });
+            }
+            let answer = match incoming {
+                Incoming::Whole(r) => {
+                    let payload = &r.bytes[HEADER_SIZE..];
+                    let reply = Reply::decode(command, payload, &limits)?;
+                    reply.check_answers(request)?;
+                    Answer::Reply(reply, r.fds)
+                }
+                Incoming::Data {
+                    prefix,
+                    len,
+                    trailing,
+                    ..
+                } => Answer::Direct {
+                    prefix,
+                    len,
+                    trailing,
+                },
+            };
+            return handle(answer, dest);
+        }
+    }
+}
+
+/// Answers a server-to-client command this client does not serve.
+fn refuse_server_command(
+    wire: &mut Wire,
+    header: &Header,
+    no_reply: bool,
+) -> Result<(), ClientError> {
+    let command = header.command();
+    tracing::warn!(
+        msg_id = header.msg_id,
+        cmd = header.cmd,
+        "server sent a command the client does not serve; refusing it"
+    );
+    if no_reply {
+        return Ok(());
+    }
+    // DMA by message is not offered: every window this client maps comes with an fd.
+    let errno = match command {
+        Ok(Command::DmaRead | Command::DmaWrite) => Errno::EOPNOTSUPP,
+        _ => Errno::EINVAL,
+    };
+    let reply = Message::error_reply(header, errno);
+    wire.conn
+        .send_message(&reply, &[])
+        .map_err(|e| wire.fail(ClientError::Socket(e)))
+}
+
+/// VERSION exchange: announce, check the answer, settle the limits.
+fn negotiate(conn: &mut Connection, options: &ClientOptions) -> Result<Negotiated, ClientError> {
+    let ours = Capabilities {
+        max_msg_fds: Some(options.max_msg_fds),
+        max_data_xfer_size: Some(options.max_data_xfer_size),
+        ..Capabilities::default()
+    };
+    let version = if options.announce_extensions {
+        let ext = VfioMigCapability::client().to_extensions()?;
+        Version::with_extensions(VERSION_MAJOR, VERSION_MINOR, &ours, &ext)?
+    } else {
+        Version::new(VERSION_MAJOR, VERSION_MINOR, &ours)?
+    };
+    let request = Request::Version(version);
+    let message = Message::request(0, request);
+    conn.send_message(&message, &[])
+        .map_err(ClientError::Socket)?;
+    let mut incoming = Limits::for_data_xfer_size(options.max_data_xfer_size);
+    incoming.max_fds = options.max_msg_fds;
+    let received = conn.recv(&incoming).map_err(ClientError::Socket)?;
+    let header = received.header();
+    if header.kind().ok() != Some(MessageKind::Reply)
+        || header.msg_id != 0
+        || header.cmd != Command::Version.raw()
+    {
+        return Err(ClientError::Negotiation(format!(
+            "expected the VERSION reply, got message {} command {} flags {:#x}",
+            header.msg_id, header.cmd, header.flags
+        )));
+    }
+    if header.is_error() {
+        return Err(ClientError::Remote {
+            command: header.cmd,
+            errno: header.errno(),
+        });
+    }
+    let reply = Version::decode(&received.bytes[HEADER_SIZE..], &incoming)?;
+    if reply.major != VERSION_MAJOR || reply.minor > VERSION_MINOR {
+        return Err(ClientError::Negotiation(format!(
+            "server answered version {}.{}, this client speaks {VERSION_MAJOR}.{VERSION_MINOR}",
+            reply.major, reply.minor
+        )));
+    }
+    let extension = if options.announce_extensions {
+        VfioMigCapability::from_version(&reply).map_err(ClientError::Extension)?
+    } else {
+        None
+    };
+    let server = reply.capabilities().clone();
+    if server.max_data_xfer_size() == 0 {
+        return Err(ClientError::Negotiation(
+            "server announced max_data_xfer_size 0".into(),
+        ));
+    }
+    let whole = extension
+        .as_ref()
+        .is_some_and(VfioMigCapability::offers_whole_messages);
+    Ok(Negotiated {
+        version: (reply.major, reply.minor),
+        max_read: options.max_data_xfer_size.min(server.max_data_xfer_size()),
+        max_payload: (!whole).then_some(LEGACY_MAX_PAYLOAD),
+        max_write: server.max_data_xfer_size(),
+        max_fds: server.max_msg_fds(),
+        server,
+        extension,
+        incoming,
+    })
+}
+
+/// A [`ClientError::BadReply`].
+fn bad_reply(command: Command, reason: impl Into<String>) -> ClientError {
+    ClientError::BadReply {
+        command,
+        reason: reason.into(),
+    }
+}
