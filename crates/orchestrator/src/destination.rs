@@ -382,7 +382,7 @@ impl<'a> DestinationEngine<'a> {
         let features = named
             .device
             .features()
-            .map_err(|c| dev_err(DeviceOp::Features, c))?;
+            .map_err(|c| crate::source::features_failure(index, &named.name, c))?;
         let identity = named
             .device
             .identity()

@@ -438,7 +438,7 @@ impl<'a> SourceEngine<'a> {
             let features = named
                 .device
                 .features()
-                .map_err(|c| dev_err(DeviceOp::Features, c))?;
+                .map_err(|c| features_failure(index, &named.name, c))?;
             let identity = named
                 .device
                 .identity()
@@ -564,12 +564,16 @@ impl<'a> SourceEngine<'a> {
                 .expect("spawning a thread"),
         );
         let deadline = Instant::now() + self.opts.ack_timeout;
-        match self.next(Some(deadline), "ready")? {
-            Report::Ack(Ack::Ready) => Ok(()),
-            Report::Ack(other) => Err(Failure::UnexpectedAck {
-                ack: ack_name(&other).into(),
-            }),
-            _ => Ok(()),
+        loop {
+            match self.next(Some(deadline), "ready")? {
+                Report::Ack(Ack::Ready) => return Ok(()),
+                Report::Ack(other) => {
+                    return Err(Failure::UnexpectedAck {
+                        ack: ack_name(&other).into(),
+                    })
+                }
+                _ => {}
+            }
         }
     }
 
@@ -1256,6 +1260,30 @@ impl<'a> SourceEngine<'a> {
         self.control.shutdown(Shutdown::Both);
         if let Some(t) = self.ack_thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// A failed features query: "not supported" answers (the kernel's ENOTTY for a device
+/// without migration, EOPNOTSUPP) mean the device cannot migrate at all.
+pub(crate) fn features_failure(
+    index: u16,
+    name: &str,
+    cause: vfio_mig_device::DeviceError,
+) -> Failure {
+    use vfio_mig_device::Errno;
+    if matches!(cause.errno(), Errno::ENOTTY | Errno::EOPNOTSUPP) {
+        Failure::NotMigratable {
+            index,
+            name: name.to_owned(),
+            reason: format!("it does not support migration ({})", chain(&cause)),
+        }
+    } else {
+        Failure::Device {
+            index,
+            name: name.to_owned(),
+            op: DeviceOp::Features,
+            cause,
         }
     }
 }

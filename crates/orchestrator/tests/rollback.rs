@@ -470,3 +470,72 @@ fn a_silent_destination_times_out_without_touching_the_source() {
     );
     sink.join().unwrap();
 }
+
+/// A device that answers the features query like a kernel device without migration.
+struct NoMigration(BlobDev);
+
+impl vfio_mig_device::MigrationDevice for NoMigration {
+    fn features(&self) -> Result<vfio_mig_device::MigrationFeatures, vfio_mig_device::DeviceError> {
+        Err(vfio_mig_device::DeviceError::new(
+            vfio_mig_device::Errno::ENOTTY,
+            "no migration support",
+        ))
+    }
+    fn identity(&self) -> Result<vfio_mig_device::DeviceIdentity, vfio_mig_device::DeviceError> {
+        self.0.identity()
+    }
+    fn state(&self) -> Result<DeviceState, vfio_mig_device::DeviceError> {
+        self.0.state()
+    }
+    fn set_state(
+        &self,
+        target: DeviceState,
+    ) -> Result<Option<vfio_mig_device::DataStream>, vfio_mig_device::TransitionError> {
+        self.0.set_state(target)
+    }
+    fn data_size(&self) -> Result<u64, vfio_mig_device::DeviceError> {
+        self.0.data_size()
+    }
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[vfio_mig_device::IovaRange],
+    ) -> Result<u64, vfio_mig_device::DeviceError> {
+        self.0.dma_logging_start(page_size, ranges)
+    }
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), vfio_mig_device::DeviceError> {
+        self.0.dma_logging_report(iova, length, page_size, bitmap)
+    }
+    fn dma_logging_stop(&self) -> Result<(), vfio_mig_device::DeviceError> {
+        self.0.dma_logging_stop()
+    }
+    fn reset(&self) -> Result<(), vfio_mig_device::DeviceError> {
+        self.0.reset()
+    }
+}
+
+#[test]
+fn a_device_without_migration_is_refused_clearly() {
+    let src = blob(16 * KIB, 0x7, 61);
+    let dst = blob(16 * KIB, 0x7, 62);
+    let no_mig = vfio_mig_orchestrator::NamedDevice::new(
+        "plain",
+        std::sync::Arc::new(NoMigration(src.clone())),
+    );
+    let err = migrate_local(&[no_mig], &[named("d", &dst)], &src_opts(), &dst_opts()).unwrap_err();
+    assert!(
+        matches!(&*err.failure, Failure::NotMigratable { index: 0, reason, .. } if reason.contains("does not support migration")),
+        "{}",
+        err.report()
+    );
+    assert_eq!(err.stage, Stage::Discovery);
+    assert_eq!(err.recovery.outcome, RecoveryOutcome::Untouched);
+    assert_eq!(state(&src), DeviceState::Running);
+    assert_eq!(state(&dst), DeviceState::Running);
+}
