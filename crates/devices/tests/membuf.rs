@@ -587,7 +587,7 @@ fn bar0_registers_read_in_every_state() {
 }
 
 #[test]
-fn reset_ends_sessions_keeps_contents_and_runs_again() {
+fn reset_ends_sessions_restores_power_on_contents_and_runs_again() {
     let dev = create(MIB, 0, 1);
     let digest = dev.regs().digest();
     let mut stream = go(&dev, DeviceState::PreCopy).unwrap();
@@ -599,7 +599,11 @@ fn reset_ends_sessions_keeps_contents_and_runs_again() {
     dev.controller().reset().unwrap();
     assert_eq!(dev.controller().state().unwrap(), DeviceState::Running);
     assert_eq!(stream.read(&mut buf).unwrap_err().errno(), Errno::ENODEV);
-    assert_eq!(dev.regs().digest(), digest, "reset keeps the contents");
+    assert_eq!(
+        dev.regs().digest(),
+        digest,
+        "the still device was at its power-on contents"
+    );
     assert_eq!(
         dev.controller().data_size().unwrap(),
         format::full_stream_len(MIB)
@@ -609,7 +613,18 @@ fn reset_ends_sessions_keeps_contents_and_runs_again() {
     let src = create(MIB, 0, 2);
     let saved = save_stopped(&src);
     let mut resuming = resume_into(&dev, &saved[..5000]);
+    assert_ne!(
+        dev.regs().digest(),
+        digest,
+        "the half-written resume changed the contents"
+    );
     dev.controller().reset().unwrap();
+    assert_eq!(
+        dev.regs().digest(),
+        digest,
+        "nothing half-loaded survives a reset"
+    );
+    assert_eq!(dev.regs().generation(), 0);
     assert_eq!(
         resuming.write(&saved[5000..6000]).unwrap_err().errno(),
         Errno::ENODEV

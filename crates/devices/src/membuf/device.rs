@@ -10,7 +10,7 @@ use vfio_mig_device::{
 };
 use vfio_mig_uapi::Errno;
 
-use super::content::{generate, pages_of, PageBitmap};
+use super::content::{generate, pages_of, PageBitmap, SplitMix};
 use super::format::{full_stream_len, StreamError};
 use super::regs::MembufRegs;
 use super::resume::ResumeSession;
@@ -242,13 +242,15 @@ impl Migratable for MembufDevice {
         self.dma_logging
     }
 
-    /// Sessions are dropped and the device runs again; the state's contents and the
-    /// generation counter are kept (a reset does not clear device memory, as with most real
-    /// devices), so after a failed resume the state is whatever was written.
+    /// Sessions are dropped and the device runs again from its power-on state: the contents
+    /// are generated again from the seed and the generation restarts at 0. A reset is how a
+    /// destination abandons a failed or aborted resume, so nothing half-loaded may survive it.
     fn reset(&mut self) {
         let mut core = self.shared.lock();
         core.save = None;
         core.resume = None;
+        SplitMix::new(self.shared.seed).fill(&mut core.state);
+        self.shared.generation.store(0, Ordering::Relaxed);
         core.dirty.clear_all();
         core.p2p_quiesced = false;
         core.running = true;

@@ -23,7 +23,8 @@
 //!   or dirty, then a trailer with the digest of the final state. The destination writes
 //!   record data straight into its buffer and, when leaving RESUMING, refuses a stream that
 //!   is truncated, incomplete, corrupt or for another size, saying what was wrong.
-//! * **Reset** keeps the contents and the generation (see [`MembufDevice`]'s `reset`).
+//! * **Reset** restores the power-on contents (generated again from the seed) and restarts the
+//!   generation at 0, so nothing of a failed resume survives it.
 //!
 //! ```
 //! use vfio_mig_devices::membuf::{self, MembufConfig};
