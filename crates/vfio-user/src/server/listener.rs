@@ -1,0 +1,307 @@
+//! [`Server`]: a listening UNIX socket serving one client at a time, one after another.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::pipe::PipeFlags;
+use vfio_mig_device::DeviceError;
+
+use super::{DeviceHost, HostedDevice, ServerConfig, ServerSession};
+use crate::codec::Header;
+use crate::socket::{Connection, Received, SocketError};
+
+/// Why the server could not start or go on (a failing client only ends that client).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be bound.
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The device's capabilities could not be read.
+    #[error("the hosted device cannot be queried")]
+    Device(#[source] DeviceError),
+    /// The stop pipe could not be created.
+    #[error("cannot create the stop pipe")]
+    Pipe(#[source] io::Error),
+    /// Waiting on the socket failed.
+    #[error("waiting for the socket failed")]
+    Poll(#[source] io::Error),
+    /// Accepting a connection failed.
+    #[error("accepting a client failed")]
+    Accept(#[source] io::Error),
+}
+
+/// How [`Server::serve_one`] ended.
+#[derive(Debug)]
+pub enum Served {
+    /// The client went away (or broke the protocol's framing and was dropped).
+    ClientLeft {
+        /// Messages received from it.
+        messages: u64,
+        /// Why the connection ended, if not by a clean close at a message boundary.
+        error: Option<SocketError>,
+    },
+    /// [`StopHandle::stop`] was called.
+    Stopped,
+}
+
+/// Shared between a server and its stop handles.
+#[derive(Debug)]
+struct Control {
+    stopped: AtomicBool,
+    wake_rx: OwnedFd,
+    wake_tx: OwnedFd,
+    /// A second handle on the connection being served, to shut it down on stop.
+    active: Mutex<Option<UnixStream>>,
+}
+
+impl Control {
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Stops a [`Server`] from any thread: `serve_one`/`serve_forever` return
+/// [`Served::Stopped`] / `Ok(())` promptly, even while a client is connected or stalled in
+/// the middle of a message (its connection is shut down).
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    control: Arc<Control>,
+}
+
+impl StopHandle {
+    /// Asks the server to stop. Idempotent.
+    pub fn stop(&self) {
+        self.control.stopped.store(true, Ordering::SeqCst);
+        // The pipe is non-blocking: if it is full the server is already being woken.
+        let _ = rustix::io::write(&self.control.wake_tx, &[1]);
+        if let Some(stream) = self.control.active().as_ref() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether [`StopHandle::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.control.is_stopped()
+    }
+}
+
+/// A vfio-user server for one device, listening on a UNIX socket path.
+///
+/// It serves one client at a time; the next one is accepted when the previous one has gone.
+/// The device and its migration data stream persist across clients (see [`DeviceHost`]);
+/// each client's DMA windows, DMA logging and IRQ eventfds end with it. Dropping the server
+/// removes its socket file (if it is still the one it created).
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file bound, so that drop removes only that file.
+    file_id: Option<(u64, u64)>,
+    host: DeviceHost,
+    config: ServerConfig,
+    control: Arc<Control>,
+}
+
+impl Server {
+    /// Listens at `path` (which must not exist) for clients of `device`, with the default
+    /// [`ServerConfig`].
+    pub fn bind(path: impl AsRef<Path>, device: HostedDevice) -> Result<Server, ServeError> {
+        Server::bind_with(path, device, ServerConfig::default())
+    }
+
+    /// Listens at `path` (which must not exist) for clients of `device`.
+    pub fn bind_with(
+        path: impl AsRef<Path>,
+        device: HostedDevice,
+        config: ServerConfig,
+    ) -> Result<Server, ServeError> {
+        let path = path.as_ref().to_path_buf();
+        let host = DeviceHost::new(device).map_err(ServeError::Device)?;
+        let (wake_rx, wake_tx) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .map_err(|e| ServeError::Pipe(e.into()))?;
+        let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        let file_id = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        tracing::info!(path = %path.display(), "vfio-user server listening");
+        Ok(Server {
+            listener,
+            path,
+            file_id,
+            host,
+            config,
+            control: Arc::new(Control {
+                stopped: AtomicBool::new(false),
+                wake_rx,
+                wake_tx,
+                active: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device and its server-side state.
+    pub fn host(&self) -> &DeviceHost {
+        &self.host
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            control: Arc::clone(&self.control),
+        }
+    }
+
+    /// Serves clients one after another until stopped.
+    pub fn serve_forever(&mut self) -> Result<(), ServeError> {
+        loop {
+            match self.serve_one()? {
+                Served::Stopped => return Ok(()),
+                Served::ClientLeft { messages, error } => match error {
+                    None => tracing::info!(messages, "client left"),
+                    Some(e) => tracing::warn!(messages, "client dropped: {}", error_chain(&e)),
+                },
+            }
+        }
+    }
+
+    /// Waits for one client and serves it until it goes away (or the server is stopped).
+    pub fn serve_one(&mut self) -> Result<Served, ServeError> {
+        let stream = loop {
+            if self.control.is_stopped() {
+                return Ok(Served::Stopped);
+            }
+            wait_readable(self.listener.as_fd(), self.control.wake_rx.as_fd())
+                .map_err(ServeError::Poll)?;
+            if self.control.is_stopped() {
+                return Ok(Served::Stopped);
+            }
+            match self.listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ServeError::Accept(e)),
+            }
+        };
+        tracing::info!("client connected");
+        *self.control.active() = stream.try_clone().ok();
+        let served = if self.control.is_stopped() {
+            Served::Stopped
+        } else {
+            self.serve_connection(Connection::new(stream))
+        };
+        *self.control.active() = None;
+        Ok(served)
+    }
+
+    fn serve_connection(&mut self, mut conn: Connection) -> Served {
+        let control = Arc::clone(&self.control);
+        let mut session = ServerSession::new(&mut self.host, self.config);
+        let limits = *session.limits();
+        let mut messages = 0u64;
+        loop {
+            if let Err(e) = wait_readable(conn.stream().as_fd(), control.wake_rx.as_fd()) {
+                return left(messages, Some(SocketError::Io(e)));
+            }
+            if control.is_stopped() {
+                return Served::Stopped;
+            }
+            let (bytes, fds) = match conn.recv(&limits) {
+                Ok(Received { bytes, fds }) => (bytes, fds),
+                Err(SocketError::TooManyFds { header, .. }) => {
+                    // The message was consumed and its fds closed: refuse it and go on.
+                    messages += 1;
+                    if header.no_reply() {
+                        continue;
+                    }
+                    let reply = Header::error_reply_to(&header, vfio_mig_uapi::Errno::EINVAL);
+                    match conn.send(&reply.to_bytes(), &[], 0, &[]) {
+                        Ok(()) => continue,
+                        Err(e) => return left(messages, Some(e)),
+                    }
+                }
+                Err(_) if control.is_stopped() => return Served::Stopped,
+                Err(SocketError::Closed) => return left(messages, None),
+                Err(e) => return left(messages, Some(e)),
+            };
+            messages += 1;
+            // The session drops with its borrow of the host when this returns.
+            if let Some(response) = session.handle(bytes, fds) {
+                if let Err(e) = conn.send(response.head, response.data, 0, &response.fds) {
+                    if control.is_stopped() {
+                        return Served::Stopped;
+                    }
+                    return left(messages, Some(e));
+                }
+            }
+        }
+    }
+}
+
+fn left(messages: u64, error: Option<SocketError>) -> Served {
+    Served::ClientLeft { messages, error }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let same = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if same.is_some() && same == self.file_id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Blocks until `fd` or the stop pipe is readable (or hung up).
+fn wait_readable(fd: BorrowedFd<'_>, wake: BorrowedFd<'_>) -> io::Result<()> {
+    let mut fds = [
+        PollFd::new(&fd, PollFlags::IN),
+        PollFd::new(&wake, PollFlags::IN),
+    ];
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

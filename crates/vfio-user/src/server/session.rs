@@ -1,0 +1,995 @@
+//! [`ServerSession`]: one client's conversation with the hosted device, sans-IO.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use vfio_mig_device::{DeviceError, DeviceIdentity, DeviceState, IovaRange, ReadOutcome};
+use vfio_mig_uapi::kernel::{FeatureHeader, FeatureOp};
+use vfio_mig_uapi::Errno;
+
+use super::dma::DmaTable;
+use super::irq::IrqTable;
+use super::{DeviceHost, ServerConfig, NUM_IRQ_INDICES, NUM_REGIONS};
+use crate::codec::{
+    Body, Capabilities, DeviceFeature, DeviceInfo, DmaLoggingReport, DmaMap, DmaUnmap, FeatureData,
+    Header, IrqInfo, Limits, Message, MessageKind, MigDataReadReply, MigDataReadRequest,
+    MigDataWrite, MigrationCapability, RegionAccess, RegionData, RegionInfo, RegionInfoReply,
+    RegionInfoRequest, RegionIoFdsReply, RegionIoFdsRequest, Reply, Request, Version, WriteMulti,
+    WriteMultiReply, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER,
+    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET, HEADER_SIZE,
+    IRQ_INFO_EVENTFD, MIG_DATA_PREFIX, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    VERSION_MAJOR, VERSION_MINOR,
+};
+use crate::extension::{
+    encode_precopy_info, VfioMigCapability, EXTENSION_VERSION, FEATURE_PRECOPY_INFO,
+    PRECOPY_INFO_LEN,
+};
+
+/// The reply to send for one request: `head`, then `data`, with `fds` attached.
+///
+/// Everything is borrowed from the session's reusable buffers (migration data is read by
+/// the device straight into the buffer `data` points at), so it must be sent before the
+/// next request is handled.
+#[derive(Debug)]
+pub struct Response<'s> {
+    /// Header and fixed part of the reply.
+    pub head: &'s [u8],
+    /// Bulk data after the head (REGION_READ data, MIG_DATA_READ data, a dirty bitmap).
+    pub data: &'s [u8],
+    /// File descriptors to pass with the reply (this server passes none today).
+    pub fds: Vec<BorrowedFd<'s>>,
+}
+
+impl Response<'_> {
+    /// Total bytes of the reply.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len()
+    }
+
+    /// Whether the reply is empty (never: every reply has a header).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole reply in one vector (for tests and logs; the socket path sends the parts).
+    pub fn to_vec(&self) -> Vec<u8> {
+        [self.head, self.data].concat()
+    }
+}
+
+/// What the client told us in VERSION.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    /// The client's `max_data_xfer_size`: bounds MIG_DATA_READ/WRITE sizes.
+    max_data_xfer_size: u32,
+    /// Both sides announced the vfio-mig extension.
+    extension: bool,
+}
+
+/// A handled request's reply before encoding; data-carrying replies point into the session's
+/// `data` buffer.
+#[derive(Debug)]
+enum Answer {
+    /// A reply that borrows nothing.
+    Reply(Reply<'static>),
+    /// The request's payload, verbatim (DEVICE_FEATURE SET/PROBE, DMA_UNMAP).
+    Echo,
+    /// REGION_READ: `data[..len]`.
+    RegionRead {
+        offset: u64,
+        region: u32,
+        len: usize,
+    },
+    /// MIG_DATA_READ: `data[..len]`.
+    MigDataRead { len: usize },
+    /// A DEVICE_FEATURE GET whose data is `data[..len]`.
+    FeatureGet { flags: u32, len: usize },
+    /// DMA_LOGGING_REPORT: the 24-byte header, then the bitmap in `data[..bitmap_len]`.
+    LoggingReport {
+        flags: u32,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap_len: usize,
+    },
+}
+
+type Outcome = Result<Answer, DeviceError>;
+
+fn err(errno: Errno, message: impl Into<std::borrow::Cow<'static, str>>) -> DeviceError {
+    DeviceError::new(errno, message)
+}
+
+/// One client's conversation with the hosted device.
+///
+/// Created when a client connects; [`ServerSession::handle`] answers its messages one by one.
+/// Dropping the session (the client went away, cleanly or not) undoes what the client set
+/// up: DMA windows are detached from the device and unmapped, DMA logging it started is
+/// stopped, IRQ eventfds are closed. The device's migration state and data stream stay in
+/// the [`DeviceHost`].
+pub struct ServerSession<'h> {
+    host: &'h mut DeviceHost,
+    config: ServerConfig,
+    limits: Limits,
+    peer: Option<Peer>,
+    dma: DmaTable,
+    /// Whether this session installed guest memory on the device's DMA handle.
+    published: bool,
+    irqs: IrqTable,
+    /// Whether this session started DMA logging (and has not stopped it).
+    logging_started: bool,
+    /// Encoded head of the current reply.
+    head: Vec<u8>,
+    /// Bulk data of the current reply; grows to the largest transfer asked for, bounded by
+    /// the negotiated limits, and is reused.
+    data: Vec<u8>,
+    /// DMA_LOGGING_REPORT bitmap words.
+    bitmap: Vec<u64>,
+}
+
+impl std::fmt::Debug for ServerSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSession")
+            .field("config", &self.config)
+            .field("peer", &self.peer)
+            .field("dma", &self.dma)
+            .field("logging_started", &self.logging_started)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'h> ServerSession<'h> {
+    /// A session for a newly connected client.
+    pub fn new(host: &'h mut DeviceHost, config: ServerConfig) -> Self {
+        let irqs = IrqTable::new(&host.irqs);
+        ServerSession {
+            host,
+            limits: config.limits(),
+            config,
+            peer: None,
+            dma: DmaTable::default(),
+            published: false,
+            irqs,
+            logging_started: false,
+            head: Vec::with_capacity(256),
+            data: Vec::new(),
+            bitmap: Vec::new(),
+        }
+    }
+
+    /// The limits incoming messages must satisfy (for the socket layer's framing).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether VERSION was negotiated.
+    pub fn is_negotiated(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Whether the client announced the vfio-mig extension (and so it is in use).
+    pub fn extension_negotiated(&self) -> bool {
+        self.peer.is_some_and(|p| p.extension)
+    }
+
+    /// Whether vector `vector` of IRQ index `index` has a trigger eventfd (DEVICE_SET_IRQS).
+    pub fn irq_eventfd_set(&self, index: u32, vector: u32) -> bool {
+        self.irqs.has_trigger(index, vector)
+    }
+
+    /// Number of DMA windows the client has mapped.
+    pub fn dma_windows(&self) -> usize {
+        self.dma.len()
+    }
+
+    /// Handles one whole message (`message` is exactly `msg_size` bytes) with the fds that
+    /// came with it, and returns the reply to send: `None` for commands sent with NO_REPLY,
+    /// for replies (this server sends no commands, so it expects none) and for fewer than 16
+    /// bytes. Every other message is answered, failures with an error reply carrying the
+    /// errno; fds a request has no use for are closed.
+    pub fn handle(&mut self, message: &[u8], fds: Vec<OwnedFd>) -> Option<Response<'_>> {
+        let header = Header::decode(message).ok()?;
+        let payload = message.get(HEADER_SIZE..).unwrap_or(&[]);
+        let outcome = match Body::decode(&header, payload, &self.limits) {
+            Ok(Body::Request(request)) => self.dispatch(request, fds),
+            Ok(Body::Reply(_) | Body::Error(_)) => {
+                tracing::warn!(
+                    msg_id = header.msg_id,
+                    cmd = header.cmd,
+                    "unexpected reply from the client, ignored"
+                );
+                return None;
+            }
+            Err(_) if matches!(header.kind(), Ok(MessageKind::Reply)) => {
+                tracing::warn!(
+                    msg_id = header.msg_id,
+                    cmd = header.cmd,
+                    "malformed reply from the client, ignored"
+                );
+                return None;
+            }
+            Err(e) => Err(err(e.errno(), e.to_string())),
+        };
+        if let Err(e) = &outcome {
+            tracing::debug!(msg_id = header.msg_id, cmd = header.cmd, errno = %e.errno(), "refused: {e}");
+        }
+        if header.no_reply() {
+            return None;
+        }
+        Some(self.respond(&header, payload, outcome))
+    }
+
+    fn dispatch(&mut self, request: Request<'_>, fds: Vec<OwnedFd>) -> Outcome {
+        let takes_fds = matches!(request, Request::DmaMap(_) | Request::SetIrqs(_));
+        if !takes_fds && !fds.is_empty() {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "{} carries no file descriptors; got {}",
+                    request.command(),
+                    fds.len()
+                ),
+            ));
+        }
+        if self.peer.is_none() && !matches!(request, Request::Version(_)) {
+            return Err(err(
+                Errno::EINVAL,
+                format!("{} before VERSION: negotiate first", request.command()),
+            ));
+        }
+        match request {
+            Request::Version(v) => self.version(&v),
+            Request::DmaMap(m) => self.dma_map(&m, fds),
+            Request::DmaUnmap(u) => self.dma_unmap(&u),
+            Request::DeviceGetInfo(i) => device_info(&i),
+            Request::GetRegionInfo(r) => self.region_info(&r),
+            Request::GetRegionIoFds(r) => self.region_io_fds(&r),
+            Request::GetIrqInfo(i) => self.irq_info(&i),
+            Request::SetIrqs(s) => self
+                .irqs
+                .set(&s, fds)
+                .map(|()| Answer::Reply(Reply::SetIrqs)),
+            Request::RegionRead(a) => self.region_read(&a),
+            Request::RegionWrite(d) => self.region_write(&d),
+            Request::DmaRead(_) | Request::DmaWrite(_) => Err(err(
+                Errno::EINVAL,
+                "DMA_READ and DMA_WRITE go from server to client",
+            )),
+            Request::DeviceReset => self.reset(),
+            Request::RegionWriteMulti(w) => self.write_multi(&w),
+            Request::DeviceFeature(f) => self.device_feature(&f),
+            Request::MigDataRead(r) => self.mig_data_read(&r),
+            Request::MigDataWrite(w) => self.mig_data_write(&w),
+        }
+    }
+
+    /// Encodes the reply into the session's buffers.
+    fn respond(&mut self, request: &Header, payload: &[u8], outcome: Outcome) -> Response<'_> {
+        self.head.clear();
+        let encoded = match outcome {
+            Err(e) => Err(e.errno()),
+            Ok(answer) => self.encode(request, payload, answer),
+        };
+        let data_len = match encoded {
+            Ok(n) => n,
+            Err(errno) => {
+                self.head.clear();
+                self.head
+                    .extend_from_slice(&Header::error_reply_to(request, errno).to_bytes());
+                0
+            }
+        };
+        Response {
+            head: &self.head,
+            data: &self.data[..data_len],
+            fds: Vec::new(),
+        }
+    }
+
+    /// Writes the head of `answer` into `self.head`; returns how many bytes of `self.data`
+    /// follow it.
+    fn encode(&mut self, request: &Header, payload: &[u8], answer: Answer) -> Result<usize, Errno> {
+        let id = request.msg_id;
+        let (message, data_len) = match answer {
+            Answer::Reply(reply) => (Message::reply(id, reply), 0),
+            Answer::Echo => {
+                let header = Header::reply_to(request, payload.len()).map_err(|e| e.errno())?;
+                self.head.extend_from_slice(&header.to_bytes());
+                self.head.extend_from_slice(payload);
+                return Ok(0);
+            }
+            Answer::RegionRead {
+                offset,
+                region,
+                len,
+            } => (
+                Message::reply(
+                    id,
+                    Reply::RegionRead(RegionData {
+                        offset,
+                        region,
+                        data: &self.data[..len],
+                    }),
+                ),
+                len,
+            ),
+            Answer::MigDataRead { len } => (
+                Message::reply(
+                    id,
+                    Reply::MigDataRead(MigDataReadReply::new(&self.data[..len])),
+                ),
+                len,
+            ),
+            Answer::FeatureGet { flags, len } => {
+                let data = FeatureData::Raw(&self.data[..len]);
+                (
+                    Message::reply(id, Reply::DeviceFeature(feature_reply(flags, data))),
+                    len,
+                )
+            }
+            Answer::LoggingReport {
+                flags,
+                iova,
+                length,
+                page_size,
+                bitmap_len,
+            } => {
+                let data = FeatureData::DmaLoggingReport(DmaLoggingReport {
+                    iova,
+                    length,
+                    page_size,
+                    bitmap: &self.data[..bitmap_len],
+                });
+                (
+                    Message::reply(id, Reply::DeviceFeature(feature_reply(flags, data))),
+                    bitmap_len,
+                )
+            }
+        };
+        let bulk = message.encode_head(&mut self.head).map_err(|e| e.errno())?;
+        debug_assert_eq!(bulk.len(), data_len);
+        Ok(data_len)
+    }
+
+    fn peer(&self) -> Peer {
+        // dispatch() answers every command but VERSION with EINVAL before negotiation.
+        self.peer.unwrap_or(Peer {
+            max_data_xfer_size: 0,
+            extension: false,
+        })
+    }
+
+    /// Grows the data buffer to `len` bytes (bounded by the caller against the limits).
+    fn data_buf(&mut self, len: usize) -> &mut [u8] {
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        &mut self.data[..len]
+    }
+
+    // ---- VERSION ----
+
+    fn version(&mut self, v: &Version<'_>) -> Outcome {
+        if self.peer.is_some() {
+            return Err(err(Errno::EINVAL, "VERSION was already negotiated"));
+        }
+        if v.major != VERSION_MAJOR {
+            return Err(err(
+                Errno::EINVAL,
+                format!("protocol major version {} is not {VERSION_MAJOR}", v.major),
+            ));
+        }
+        let client = v.capabilities();
+        let extension = match VfioMigCapability::from_version(v) {
+            Ok(Some(ext)) => ext.version >= EXTENSION_VERSION,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!("client's vfio-mig capability ignored: {e}");
+                false
+            }
+        };
+        let ours = Capabilities {
+            max_msg_fds: Some(self.config.max_msg_fds),
+            max_data_xfer_size: Some(self.config.max_data_xfer_size),
+            migration: Some(MigrationCapability {
+                pgsize: Some(self.config.dirty_page_size),
+            }),
+            write_multiple: Some(true),
+            ..Capabilities::default()
+        };
+        let minor = v.minor.min(VERSION_MINOR);
+        let reply = if extension {
+            let identity = self.host.device.migration.identity();
+            let ext = match &identity {
+                Ok(id) => VfioMigCapability::server(id),
+                Err(e) => {
+                    tracing::warn!("device identity unavailable, not announced: {e}");
+                    VfioMigCapability {
+                        identity: None,
+                        ..VfioMigCapability::server(&DeviceIdentity::default())
+                    }
+                }
+            };
+            let map = ext
+                .to_extensions()
+                .map_err(|e| err(e.errno(), e.to_string()))?;
+            Version::with_extensions(VERSION_MAJOR, minor, &ours, &map)
+        } else {
+            Version::new(VERSION_MAJOR, minor, &ours)
+        }
+        .map_err(|e| err(e.errno(), e.to_string()))?;
+        self.peer = Some(Peer {
+            max_data_xfer_size: client.max_data_xfer_size(),
+            extension,
+        });
+        tracing::info!(
+            minor,
+            client_max_data_xfer_size = client.max_data_xfer_size(),
+            extension,
+            "VERSION negotiated"
+        );
+        Ok(Answer::Reply(Reply::Version(reply)))
+    }
+
+    // ---- DMA windows ----
+
+    fn dma_map(&mut self, req: &DmaMap, fds: Vec<OwnedFd>) -> Outcome {
+        if fds.len() > 1 {
+            return Err(err(
+                Errno::EINVAL,
+                format!("DMA_MAP takes at most one fd, got {}", fds.len()),
+            ));
+        }
+        let fd = fds.into_iter().next();
+        self.dma.map(req, fd, self.config.max_dma_maps)?;
+        self.publish();
+        Ok(Answer::Reply(Reply::DmaMap))
+    }
+
+    fn dma_unmap(&mut self, req: &DmaUnmap) -> Outcome {
+        self.dma.unmap(req)?;
+        // The old guest map goes with this: no reference to the window survives the reply.
+        self.publish();
+        Ok(Answer::Echo)
+    }
+
+    fn publish(&mut self) {
+        if let Some(dma) = &self.host.device.dma {
+            self.dma.publish(dma);
+            self.published = true;
+        }
+    }
+
+    // ---- Device, region and IRQ queries ----
+
+    fn region_info(&mut self, req: &RegionInfoRequest) -> Outcome {
+        let index = req.info.index;
+        if req.info.argsz < RegionInfo::SIZE as u32 {
+            return Err(err(
+                Errno::EINVAL,
+                format!("GET_REGION_INFO argsz {} is below 32", req.info.argsz),
+            ));
+        }
+        if index >= NUM_REGIONS {
+            return Err(err(
+                Errno::EINVAL,
+                format!("region {index}: a PCI device has regions 0..{NUM_REGIONS}"),
+            ));
+        }
+        let info = match self.host.region(index) {
+            Some(r) => RegionInfo {
+                flags: if r.readable { REGION_INFO_FLAG_READ } else { 0 }
+                    | if r.writable {
+                        REGION_INFO_FLAG_WRITE
+                    } else {
+                        0
+                    },
+                index,
+                size: r.size,
+                ..RegionInfo::default()
+            },
+            None => RegionInfo {
+                index,
+                ..RegionInfo::default()
+            },
+        };
+        let reply = RegionInfoReply::new(info, Vec::new()).fit_to(req.info.argsz);
+        Ok(Answer::Reply(Reply::GetRegionInfo(reply)))
+    }
+
+    fn region_io_fds(&mut self, req: &RegionIoFdsRequest) -> Outcome {
+        if req.argsz < RegionIoFdsRequest::SIZE as u32 || req.flags != 0 || req.count != 0 {
+            return Err(err(
+                Errno::EINVAL,
+                "GET_REGION_IO_FDS needs argsz >= 16, flags 0 and count 0",
+            ));
+        }
+        if req.index >= NUM_REGIONS || self.host.region(req.index).is_none() {
+            return Err(err(
+                Errno::EINVAL,
+                format!("GET_REGION_IO_FDS: no region {}", req.index),
+            ));
+        }
+        // No region of ours has ioeventfds: an empty list.
+        Ok(Answer::Reply(Reply::GetRegionIoFds(RegionIoFdsReply {
+            head: RegionIoFdsRequest {
+                argsz: RegionIoFdsRequest::SIZE as u32,
+                flags: 0,
+                index: req.index,
+                count: 0,
+            },
+            subregions: Vec::new(),
+        })))
+    }
+
+    fn irq_info(&mut self, req: &IrqInfo) -> Outcome {
+        if req.argsz < IrqInfo::SIZE as u32 {
+            return Err(err(
+                Errno::EINVAL,
+                format!("GET_IRQ_INFO argsz {} is below 16", req.argsz),
+            ));
+        }
+        let Some(count) = self.irqs.count(req.index) else {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "IRQ index {}: a PCI device has 0..{NUM_IRQ_INDICES}",
+                    req.index
+                ),
+            ));
+        };
+        Ok(Answer::Reply(Reply::GetIrqInfo(IrqInfo {
+            argsz: IrqInfo::SIZE as u32,
+            flags: IRQ_INFO_EVENTFD,
+            index: req.index,
+            count,
+        })))
+    }
+
+    // ---- Region access ----
+
+    /// Checks an access of `len` bytes at `offset` of `region`.
+    fn check_access(
+        &self,
+        region: u32,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(), DeviceError> {
+        let info = self
+            .host
+            .region(region)
+            .ok_or_else(|| err(Errno::EINVAL, format!("no region {region}")))?;
+        let allowed = if write { info.writable } else { info.readable };
+        if !allowed {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "region {region} is not {}",
+                    if write { "writable" } else { "readable" }
+                ),
+            ));
+        }
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= info.size);
+        if !fits {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "{len} bytes at {offset:#x} cross the end of region {region} ({:#x} bytes)",
+                    info.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn region_read(&mut self, req: &RegionAccess) -> Outcome {
+        let len = req.count as usize;
+        self.check_access(req.region, req.offset, len, false)?;
+        let regions = std::sync::Arc::clone(&self.host.device.regions);
+        regions.region_read(req.region, req.offset, self.data_buf(len))?;
+        Ok(Answer::RegionRead {
+            offset: req.offset,
+            region: req.region,
+            len,
+        })
+    }
+
+    fn region_write(&mut self, req: &RegionData<'_>) -> Outcome {
+        self.check_access(req.region, req.offset, req.data.len(), true)?;
+        self.host
+            .device
+            .regions
+            .region_write(req.region, req.offset, req.data)?;
+        Ok(Answer::Reply(Reply::RegionWrite(RegionAccess {
+            offset: req.offset,
+            region: req.region,
+            count: req.data.len() as u32,
+        })))
+    }
+
+    fn write_multi(&mut self, req: &WriteMulti) -> Outcome {
+        for w in &req.writes {
+            self.check_access(w.region, w.offset, w.bytes().len(), true)?;
+            self.host
+                .device
+                .regions
+                .region_write(w.region, w.offset, w.bytes())?;
+        }
+        Ok(Answer::Reply(Reply::RegionWriteMulti(WriteMultiReply {
+            count: req.writes.len() as u64,
+        })))
+    }
+
+    fn reset(&mut self) -> Outcome {
+        self.host.device.migration.reset()?;
+        self.drop_stream();
+        Ok(Answer::Reply(Reply::DeviceReset))
+    }
+
+    // ---- DEVICE_FEATURE ----
+
+    /// Validates as the kernel does: the core checks ([`FeatureHeader::parse`]), `ENOTTY` for
+    /// a feature this device does not have, then the feature's own checks with vfio-user's
+    /// payload sizes (ranges and bitmaps travel inline, so START needs 16 bytes and REPORT 24,
+    /// not the kernel's structs with pointers).
+    fn device_feature(&mut self, f: &DeviceFeature<'_>) -> Outcome {
+        let header = FeatureHeader::parse(f.argsz, f.flags).map_err(|e| {
+            err(
+                e,
+                format!("DEVICE_FEATURE argsz {} flags {:#x}", f.argsz, f.flags),
+            )
+        })?;
+        let index = f.index();
+        let logging = self.host.device.dma_logging;
+        let (ops, min_payload) = match index {
+            FEATURE_MIGRATION => (FEATURE_GET, 8),
+            FEATURE_MIG_DEVICE_STATE => (FEATURE_GET | FEATURE_SET, 8),
+            FEATURE_MIG_DATA_SIZE => (FEATURE_GET, 8),
+            FEATURE_DMA_LOGGING_START if logging => (FEATURE_SET, 16),
+            FEATURE_DMA_LOGGING_STOP if logging => (FEATURE_SET, 0),
+            FEATURE_DMA_LOGGING_REPORT if logging => (FEATURE_GET, 24),
+            FEATURE_PRECOPY_INFO if self.peer().extension && self.host.features.pre_copy() => {
+                (FEATURE_GET, PRECOPY_INFO_LEN)
+            }
+            _ => {
+                return Err(err(
+                    Errno::ENOTTY,
+                    format!("the device has no feature {index:#x}"),
+                ))
+            }
+        };
+        let request = header.check(ops, min_payload).map_err(|e| {
+            err(
+                e,
+                format!("DEVICE_FEATURE {index:#x} with flags {:#x}", f.flags),
+            )
+        })?;
+        match (index, request.op()) {
+            (_, FeatureOp::Probe) => Ok(Answer::Echo),
+            (FEATURE_MIGRATION, _) => Ok(Answer::Reply(Reply::DeviceFeature(feature_reply(
+                f.flags,
+                FeatureData::Migration {
+                    flags: self.host.features.bits(),
+                },
+            )))),
+            (FEATURE_MIG_DEVICE_STATE, FeatureOp::Get) => {
+                let state = self.host.device.migration.state()?;
+                Ok(Answer::Reply(Reply::DeviceFeature(feature_reply(
+                    f.flags,
+                    FeatureData::MigDeviceState { state, data_fd: -1 },
+                ))))
+            }
+            (FEATURE_MIG_DEVICE_STATE, _) => match f.data {
+                FeatureData::MigDeviceState { state, .. } => {
+                    self.set_state(state)?;
+                    Ok(Answer::Echo)
+                }
+                _ => Err(err(Errno::EINVAL, "MIG_DEVICE_STATE SET without a state")),
+            },
+            (FEATURE_MIG_DATA_SIZE, _) => {
+                let stop_copy_length = self.host.device.migration.data_size()?;
+                Ok(Answer::Reply(Reply::DeviceFeature(feature_reply(
+                    f.flags,
+                    FeatureData::MigDataSize { stop_copy_length },
+                ))))
+            }
+            (FEATURE_DMA_LOGGING_START, _) => match &f.data {
+                FeatureData::DmaLogging(control) => {
+                    self.logging_start(control.page_size, &control.ranges)?;
+                    Ok(Answer::Echo)
+                }
+                _ => Err(err(
+                    Errno::EINVAL,
+                    "DMA_LOGGING_START without its control data",
+                )),
+            },
+            (FEATURE_DMA_LOGGING_STOP, _) => {
+                self.host.device.migration.dma_logging_stop()?;
+                self.logging_started = false;
+                Ok(Answer::Echo)
+            }
+            (FEATURE_DMA_LOGGING_REPORT, _) => match f.data {
+                FeatureData::DmaLoggingReport(report) => self.logging_report(f, &report),
+                _ => Err(err(Errno::EINVAL, "DMA_LOGGING_REPORT without its range")),
+            },
+            (FEATURE_PRECOPY_INFO, _) => self.precopy_info(f.flags),
+            _ => Err(err(Errno::ENOTTY, format!("feature {index:#x}"))),
+        }
+    }
+
+    /// MIG_DEVICE_STATE SET; keeps the server's stream slot in step with the session.
+    fn set_state(&mut self, target: DeviceState) -> Result<(), DeviceError> {
+        let result = self.host.device.migration.set_state(target);
+        let now = match &result {
+            Ok(_) => Some(target),
+            Err(e) => e
+                .reached
+                .or_else(|| self.host.device.migration.state().ok()),
+        };
+        match result {
+            Ok(opened) => {
+                if let Some(stream) = opened {
+                    self.host.stream = Some(stream);
+                    self.host.deferred_read_error = None;
+                } else if !in_session(target) {
+                    self.drop_stream();
+                }
+                tracing::debug!(state = %target, "device state set");
+                Ok(())
+            }
+            Err(e) => {
+                if !now.is_some_and(in_session) {
+                    self.drop_stream();
+                }
+                Err(err(e.errno(), e.to_string()))
+            }
+        }
+    }
+
+    fn drop_stream(&mut self) {
+        self.host.stream = None;
+        self.host.deferred_read_error = None;
+    }
+
+    fn logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[crate::codec::IovaRange],
+    ) -> Result<(), DeviceError> {
+        // vfio-user: no ranges means every DMA window mapped now.
+        let ranges: Vec<IovaRange> = if ranges.is_empty() {
+            let all = self.dma.merged_ranges();
+            if all.is_empty() {
+                return Err(err(
+                    Errno::EINVAL,
+                    "DMA_LOGGING_START with no ranges and no DMA windows mapped",
+                ));
+            }
+            all
+        } else {
+            ranges
+                .iter()
+                .map(|r| IovaRange {
+                    iova: r.iova,
+                    length: r.length,
+                })
+                .collect()
+        };
+        self.host
+            .device
+            .migration
+            .dma_logging_start(page_size, &ranges)?;
+        self.logging_started = true;
+        Ok(())
+    }
+
+    fn logging_report(&mut self, f: &DeviceFeature<'_>, report: &DmaLoggingReport<'_>) -> Outcome {
+        let bitmap_len = report
+            .bitmap_len(&self.limits)
+            .map_err(|e| err(e.errno(), e.to_string()))?;
+        let need = (FEATURE_HEADER + 24 + bitmap_len) as u64;
+        if u64::from(f.argsz) < need {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "DMA_LOGGING_REPORT argsz {} is below the {need} bytes of the reply",
+                    f.argsz
+                ),
+            ));
+        }
+        let words = bitmap_len / 8;
+        self.bitmap.clear();
+        self.bitmap.resize(words, 0);
+        self.host.device.migration.dma_logging_report(
+            report.iova,
+            report.length,
+            report.page_size,
+            &mut self.bitmap,
+        )?;
+        let bitmap = std::mem::take(&mut self.bitmap);
+        let out = self.data_buf(bitmap_len);
+        for (chunk, word) in out.chunks_exact_mut(8).zip(&bitmap) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        self.bitmap = bitmap;
+        Ok(Answer::LoggingReport {
+            flags: f.flags,
+            iova: report.iova,
+            length: report.length,
+            page_size: report.page_size,
+            bitmap_len,
+        })
+    }
+
+    fn precopy_info(&mut self, flags: u32) -> Outcome {
+        let state = self.host.device.migration.state()?;
+        if !state.is_precopy() {
+            return Err(err(
+                Errno::EINVAL,
+                format!("precopy info in {state}: only in pre-copy states"),
+            ));
+        }
+        let stream = self
+            .host
+            .stream
+            .as_mut()
+            .ok_or_else(|| err(Errno::EINVAL, "no saving session is open"))?;
+        let info = stream.precopy_info()?;
+        self.data_buf(PRECOPY_INFO_LEN)
+            .copy_from_slice(&encode_precopy_info(&info));
+        Ok(Answer::FeatureGet {
+            flags,
+            len: PRECOPY_INFO_LEN,
+        })
+    }
+
+    // ---- Migration data ----
+
+    /// The largest MIG_DATA transfer: the client's `max_data_xfer_size`, and never more than
+    /// ours (the codec already refused larger ones).
+    fn mig_data_limit(&self) -> u32 {
+        self.peer()
+            .max_data_xfer_size
+            .min(self.config.max_data_xfer_size)
+    }
+
+    fn mig_data_read(&mut self, req: &MigDataReadRequest) -> Outcome {
+        let state = self.host.device.migration.state()?;
+        if !state.is_saving() {
+            return Err(err(
+                Errno::EINVAL,
+                format!("MIG_DATA_READ in {state}: only in pre-copy and stop-copy states"),
+            ));
+        }
+        if req.size > self.mig_data_limit() {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "MIG_DATA_READ of {} bytes exceeds max_data_xfer_size {}",
+                    req.size,
+                    self.mig_data_limit()
+                ),
+            ));
+        }
+        if u64::from(req.argsz) < MIG_DATA_PREFIX as u64 + u64::from(req.size) {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "MIG_DATA_READ argsz {} is below 8 + size {}",
+                    req.argsz, req.size
+                ),
+            ));
+        }
+        if let Some(e) = self.host.deferred_read_error.take() {
+            return Err(e);
+        }
+        let size = req.size as usize;
+        if self.data.len() < size {
+            self.data.resize(size, 0);
+        }
+        let stream = self
+            .host
+            .stream
+            .as_mut()
+            .ok_or_else(|| err(Errno::EINVAL, "no saving session is open"))?;
+        // Fill the request as far as the device has data now, so that a short reply means
+        // "nothing more now" (and 0 bytes in STOP_COPY the end).
+        let mut filled = 0;
+        while filled < size {
+            match stream.read(&mut self.data[filled..size]) {
+                Ok(ReadOutcome::Data(n)) => filled += n.min(size - filled),
+                Ok(ReadOutcome::NothingNow | ReadOutcome::End) => break,
+                Err(e) if filled == 0 => return Err(e),
+                Err(e) => {
+                    self.host.deferred_read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(Answer::MigDataRead { len: filled })
+    }
+
+    fn mig_data_write(&mut self, req: &MigDataWrite<'_>) -> Outcome {
+        let state = self.host.device.migration.state()?;
+        if state != DeviceState::Resuming {
+            return Err(err(
+                Errno::EINVAL,
+                format!("MIG_DATA_WRITE in {state}: only in resuming"),
+            ));
+        }
+        let size = req.data.len() as u64;
+        if size > u64::from(self.mig_data_limit()) {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "MIG_DATA_WRITE of {size} bytes exceeds max_data_xfer_size {}",
+                    self.mig_data_limit()
+                ),
+            ));
+        }
+        if u64::from(req.argsz) < MIG_DATA_PREFIX as u64 + size {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "MIG_DATA_WRITE argsz {} is below 8 + size {size}",
+                    req.argsz
+                ),
+            ));
+        }
+        let stream = self
+            .host
+            .stream
+            .as_mut()
+            .ok_or_else(|| err(Errno::EINVAL, "no resuming session is open"))?;
+        vfio_mig_device::write_all(stream.as_mut(), req.data)?;
+        Ok(Answer::Reply(Reply::MigDataWrite))
+    }
+}
+
+impl Drop for ServerSession<'_> {
+    /// The client is gone: undo what it set up, leave the device's state and stream alone.
+    fn drop(&mut self) {
+        if self.logging_started {
+            if let Err(e) = self.host.device.migration.dma_logging_stop() {
+                tracing::warn!("stopping the departed client's DMA logging failed: {e}");
+            }
+        }
+        self.dma.clear();
+        if self.published {
+            if let Some(dma) = &self.host.device.dma {
+                // Waits for DMA in flight; the windows are unmapped when this returns.
+                dma.set_memory(None);
+            }
+        }
+        self.irqs.clear();
+    }
+}
+
+/// States in which a data session is open.
+fn in_session(state: DeviceState) -> bool {
+    state.is_saving() || state == DeviceState::Resuming
+}
+
+fn device_info(req: &DeviceInfo) -> Outcome {
+    if req.argsz < DeviceInfo::SIZE as u32 {
+        return Err(err(
+            Errno::EINVAL,
+            format!("DEVICE_GET_INFO argsz {} is below 16", req.argsz),
+        ));
+    }
+    Ok(Answer::Reply(Reply::DeviceGetInfo(DeviceInfo {
+        argsz: DeviceInfo::SIZE as u32,
+        flags: DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI,
+        num_regions: NUM_REGIONS,
+        num_irqs: NUM_IRQ_INDICES,
+    })))
+}
+
+/// A DEVICE_FEATURE GET reply: the request's flags, `argsz` the reply's own size.
+fn feature_reply(flags: u32, data: FeatureData<'_>) -> DeviceFeature<'_> {
+    let argsz = u32::try_from(FEATURE_HEADER + data.encoded_len()).unwrap_or(u32::MAX);
+    DeviceFeature { argsz, flags, data }
+}
