@@ -24,6 +24,7 @@ use crate::event::{
     Stage,
 };
 use crate::source::NamedDevice;
+use crate::tracked::Tracked;
 use crate::transport::{Control, Transport};
 
 /// How the destination engine receives.
@@ -541,34 +542,13 @@ impl<'a> DestinationEngine<'a> {
 
     fn transition(&mut self, i: usize, target: DeviceState) -> Result<Option<DataStream>, Failure> {
         let d = &mut self.devs[i];
-        let from = d.state;
-        d.touched = true;
-        let t = Instant::now();
-        match d.named.device.set_state(target) {
-            Ok(stream) => {
-                d.state = target;
-                self.em.emit(Event::Transition {
-                    side: Side::Destination,
-                    device: d.index,
-                    name: d.named.name.clone(),
-                    from,
-                    to: target,
-                    duration_us: t.elapsed().as_micros() as u64,
-                });
-                Ok(stream)
-            }
-            Err(cause) => {
-                if let Some(r) = cause.reached {
-                    d.state = r;
-                }
-                Err(Failure::Transition {
-                    index: d.index,
-                    name: d.named.name.clone(),
-                    target,
-                    cause,
-                })
-            }
-        }
+        let mut tracked = Tracked {
+            index: d.index,
+            named: d.named,
+            state: &mut d.state,
+            touched: &mut d.touched,
+        };
+        tracked.transition(Side::Destination, &self.em, target)
     }
 
     /// END arrived: wait for every writer, validate every device (RESUMING -> STOP), then

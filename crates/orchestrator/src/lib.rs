@@ -33,6 +33,7 @@ mod event;
 mod local;
 mod policy;
 mod source;
+mod tracked;
 mod transport;
 
 pub use address::{Address, AddressError};

@@ -35,6 +35,7 @@ use crate::event::{
     SourceSummary, Stage,
 };
 use crate::policy::{ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason};
+use crate::tracked::Tracked;
 use crate::transport::{Control, Transport};
 
 /// A device taking part in a migration, with the name used in messages and the stream
@@ -653,34 +654,13 @@ impl<'a> SourceEngine<'a> {
     /// Moves device `i` to `target`, recording where it is and emitting the transition.
     fn transition(&mut self, i: usize, target: DeviceState) -> Result<Option<DataStream>, Failure> {
         let d = &mut self.devs[i];
-        let from = d.state;
-        d.touched = true;
-        let t = Instant::now();
-        match d.named.device.set_state(target) {
-            Ok(stream) => {
-                d.state = target;
-                self.em.emit(Event::Transition {
-                    side: Side::Source,
-                    device: d.index,
-                    name: d.named.name.clone(),
-                    from,
-                    to: target,
-                    duration_us: t.elapsed().as_micros() as u64,
-                });
-                Ok(stream)
-            }
-            Err(cause) => {
-                if let Some(reached) = cause.reached {
-                    d.state = reached;
-                }
-                Err(Failure::Transition {
-                    index: d.index,
-                    name: d.named.name.clone(),
-                    target,
-                    cause,
-                })
-            }
-        }
+        let mut tracked = Tracked {
+            index: d.index,
+            named: d.named,
+            state: &mut d.state,
+            touched: &mut d.touched,
+        };
+        tracked.transition(Side::Source, &self.em, target)
     }
 
     /// The next report the current stage handles; failures of any thread, the destination's
