@@ -346,12 +346,15 @@ impl RemoteStream {
         Ok(t.state)
     }
 
-    /// After a failed exchange the device's state is no longer certain.
-    fn forget_state(&self) {
-        self.tracking
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .state = None;
+    /// After an exchange failed without an answer the device's state is no longer certain
+    /// (an error reply leaves it where it was).
+    fn note_failure(&self, e: &ClientError) {
+        if !matches!(e, ClientError::Remote { .. }) {
+            self.tracking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state = None;
+        }
     }
 }
 
@@ -370,7 +373,7 @@ impl MigrationStream for RemoteStream {
             Ok(0) => Ok(ReadOutcome::NothingNow),
             Ok(n) => Ok(ReadOutcome::Data(n)),
             Err(e) => {
-                self.forget_state();
+                self.note_failure(&e);
                 Err(e.into_device_error("MIG_DATA_READ"))
             }
         }
@@ -382,7 +385,7 @@ impl MigrationStream for RemoteStream {
             return Ok(0);
         }
         self.client.mig_data_write(buf).map_err(|e| {
-            self.forget_state();
+            self.note_failure(&e);
             e.into_device_error("MIG_DATA_WRITE")
         })
     }
