@@ -31,6 +31,8 @@ pub enum SwitchoverReason {
 pub struct RoundStats {
     /// The round just finished, from 1.
     pub round: u32,
+    /// Rounds finished (this one included) with every device's initial data sent.
+    pub settled_rounds: u32,
     /// Initial bytes not yet read, summed over the precopying devices.
     pub initial_bytes: u64,
     /// Bytes the switchover is predicted to move (for each device, the larger of its
@@ -53,7 +55,11 @@ pub enum Decision {
 
 /// Switch over when every device's initial data has been read and the predicted downtime
 /// (remaining bytes / measured bandwidth) is at most `downtime_limit`; after `max_rounds`
-/// rounds without that, do what `on_limit` says.
+/// rounds past the initial data without that, do what `on_limit` says.
+///
+/// The switchover never happens while initial data is unread (the uAPI's rule: going to
+/// STOP_COPY earlier may slow the device down). A device whose initial data does not drain
+/// within [`MAX_INITIAL_ROUNDS`] rounds makes the policy give up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvergencePolicy {
     /// The longest acceptable predicted downtime.
@@ -63,6 +69,9 @@ pub struct ConvergencePolicy {
     /// What to do after `max_rounds` rounds without converging.
     pub on_limit: NonConvergence,
 }
+
+/// Rounds allowed for the initial data to drain before the policy gives up.
+pub const MAX_INITIAL_ROUNDS: u32 = 1000;
 
 impl ConvergencePolicy {
     /// How long moving `remaining` bytes at `bandwidth` bytes/s takes; `None` when no rate
@@ -86,7 +95,13 @@ impl ConvergencePolicy {
     pub fn decide(&self, stats: &RoundStats) -> Decision {
         if self.converged(stats) {
             Decision::SwitchOver(SwitchoverReason::Converged)
-        } else if stats.round >= self.max_rounds.max(1) {
+        } else if stats.initial_bytes > 0 {
+            if stats.round >= MAX_INITIAL_ROUNDS {
+                Decision::GiveUp
+            } else {
+                Decision::Continue
+            }
+        } else if stats.settled_rounds >= self.max_rounds.max(1) {
             match self.on_limit {
                 NonConvergence::SwitchOver => Decision::SwitchOver(SwitchoverReason::MaxRounds),
                 NonConvergence::Abort => Decision::GiveUp,
@@ -114,6 +129,7 @@ mod tests {
     fn stats(round: u32, initial: u64, remaining: u64, bw: Option<f64>) -> RoundStats {
         RoundStats {
             round,
+            settled_rounds: if initial == 0 { round } else { 0 },
             initial_bytes: initial,
             remaining_bytes: remaining,
             bandwidth: bw,
@@ -164,6 +180,37 @@ mod tests {
             ..policy(NonConvergence::Abort)
         };
         assert_eq!(p.decide(&stats(1, 0, 100 * MIB, gib_s)), Decision::GiveUp);
+    }
+
+    #[test]
+    fn the_round_limit_never_switches_over_with_initial_data_unread() {
+        let gib_s = Some((1u64 << 30) as f64);
+        let p = policy(NonConvergence::SwitchOver);
+        // Five rounds in, still initial data: keep going rather than switch over early.
+        assert_eq!(
+            p.decide(&stats(5, MIB, 100 * MIB, gib_s)),
+            Decision::Continue
+        );
+        // The limit counts rounds after the initial data was sent.
+        let late = RoundStats {
+            round: 9,
+            settled_rounds: 4,
+            initial_bytes: 0,
+            remaining_bytes: 100 * MIB,
+            bandwidth: gib_s,
+        };
+        assert_eq!(p.decide(&late), Decision::Continue);
+        let limit = RoundStats {
+            settled_rounds: 5,
+            ..late
+        };
+        assert_eq!(
+            p.decide(&limit),
+            Decision::SwitchOver(SwitchoverReason::MaxRounds)
+        );
+        // Initial data that never drains: give up, whatever `on_limit` says.
+        let stuck = stats(MAX_INITIAL_ROUNDS, MIB, 100 * MIB, gib_s);
+        assert_eq!(p.decide(&stuck), Decision::GiveUp);
     }
 
     #[test]

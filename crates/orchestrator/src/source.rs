@@ -806,6 +806,9 @@ impl<'a> SourceEngine<'a> {
         let mut total_bytes = 0u64;
         let mut busy = Duration::ZERO;
         let mut round = 0u32;
+        // Rounds finished with every device's initial data sent: only these count toward
+        // the round limit, since switching over earlier is what the uAPI warns against.
+        let mut settled_rounds = 0u32;
         loop {
             round += 1;
             let started = Instant::now();
@@ -832,8 +835,12 @@ impl<'a> SourceEngine<'a> {
             let bandwidth = (total_bytes > 0 && !busy.is_zero())
                 .then(|| total_bytes as f64 / busy.as_secs_f64());
             let (initial, dirty, remaining) = self.pending();
+            if initial == 0 {
+                settled_rounds += 1;
+            }
             let stats = RoundStats {
                 round,
+                settled_rounds,
                 initial_bytes: initial,
                 remaining_bytes: remaining,
                 bandwidth,

@@ -303,10 +303,15 @@ fn through_relay(
 fn a_connection_dropped_in_each_phase_rolls_back() {
     // 256 KiB of state is about 263 KiB of records: cut at 30 bytes (inside the header),
     // mid precopy (0x7) and mid stop-copy (0x3).
-    for (features, cut, src_stage, src_outcome) in [
-        (0x7, 30, Stage::Handshake, RecoveryOutcome::Untouched),
-        (0x7, 100_000, Stage::Precopy, RecoveryOutcome::RolledBack),
-        (0x3, 100_000, Stage::StopCopy, RecoveryOutcome::RolledBack),
+    // Where the source notices a cut mid-stream depends on socket buffering and scheduling
+    // (its writes may land in buffers before the cut is seen), so any stage from the cut's
+    // phase up to the end of stop-copy is right; rolling back is what must hold.
+    const PRECOPY_ON: &[Stage] = &[Stage::Precopy, Stage::Switchover, Stage::StopCopy];
+    const STOP_COPY_ON: &[Stage] = &[Stage::Switchover, Stage::StopCopy];
+    for (features, cut, src_stages, src_outcome) in [
+        (0x7, 30, &[Stage::Handshake][..], RecoveryOutcome::Untouched),
+        (0x7, 100_000, PRECOPY_ON, RecoveryOutcome::RolledBack),
+        (0x3, 100_000, STOP_COPY_ON, RecoveryOutcome::RolledBack),
     ] {
         let what = format!("{features:#x} cut at {cut}");
         let p = Pair::new(256 * KIB, features);
@@ -319,7 +324,7 @@ fn a_connection_dropped_in_each_phase_rolls_back() {
         );
         let src = src.unwrap_err();
         let dst = dst.unwrap_err();
-        assert_eq!(src.stage, src_stage, "{what}: {}", src.report());
+        assert!(src_stages.contains(&src.stage), "{what}: {}", src.report());
         assert_eq!(src.recovery.outcome, src_outcome, "{what}");
         assert!(
             matches!(
