@@ -118,7 +118,7 @@ pub enum ClientError {
     #[error("vfio-user connection failed")]
     Socket(#[source] SocketError),
     /// The server answered the command with an error reply.
-    #[error("server refused {command}: {errno}")]
+    #[error("server refused {}: {errno}", command_name(*command))]
     Remote {
         /// The command (raw number; it may be one this codec does not know).
         command: u16,
@@ -503,6 +503,11 @@ fn negotiate(conn: &mut Connection, options: &ClientOptions) -> Result<Negotiate
         extension,
         incoming,
     })
+}
+
+/// A command's protocol name, or its number when unknown.
+fn command_name(raw: u16) -> String {
+    Command::try_from(raw).map_or_else(|_| format!("command {raw}"), |c| c.name().to_owned())
 }
 
 /// A [`ClientError::BadReply`].
