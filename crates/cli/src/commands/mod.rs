@@ -13,11 +13,15 @@ use clap::Subcommand;
 
 use crate::app::Context;
 
+pub mod demo;
 pub mod fsm;
 
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main job: live-migrate one emulated device into another over vfio-user, with
+    /// precopy while it keeps changing, and verify the destination's state digest.
+    Demo(demo::DemoArgs),
     /// Explore the migration state machine: next step, whole paths, tables, graphs.
     #[command(subcommand)]
     Fsm(fsm::FsmCommand),
@@ -27,6 +31,7 @@ impl Command {
     /// Runs the command, writing its normal output to `out`.
     pub fn run(self, ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
         match self {
+            Command::Demo(args) => demo::run(args, ctx, out),
             Command::Fsm(cmd) => fsm::run(cmd, ctx, out),
         }
     }

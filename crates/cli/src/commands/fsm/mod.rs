@@ -149,8 +149,10 @@ mod tests {
     fn parse(args: &[&str]) -> Result<FsmCommand, clap::Error> {
         let argv = ["vfio-mig", "fsm"].iter().chain(args);
         let cli = Cli::try_parse_from(argv)?;
-        let crate::commands::Command::Fsm(cmd) = cli.command;
-        Ok(cmd)
+        match cli.command {
+            crate::commands::Command::Fsm(cmd) => Ok(cmd),
+            other => panic!("parsed as another command: {other:?}"),
+        }
     }
 
     #[test]
