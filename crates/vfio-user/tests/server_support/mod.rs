@@ -202,3 +202,88 @@ pub fn set_state(state: vfio_mig_device::DeviceState) -> Request<'static> {
         FeatureData::MigDeviceState { state, data_fd: -1 },
     )
 }
+
+/// Regions that are plain memory (read/write, zero-filled), with the IRQs given: a stand-in
+/// for another device's register layout.
+pub struct RamRegions {
+    sizes: Vec<(u32, u64)>,
+    irqs: Vec<IrqInfo>,
+    mem: std::sync::Mutex<std::collections::HashMap<u32, Vec<u8>>>,
+}
+
+impl RamRegions {
+    /// Regions `(index, size)` and IRQs `(index, count)`.
+    pub fn new(sizes: &[(u32, u64)], irqs: &[(u32, u32)]) -> Self {
+        RamRegions {
+            sizes: sizes.to_vec(),
+            irqs: irqs
+                .iter()
+                .map(|&(index, count)| IrqInfo { index, count })
+                .collect(),
+            mem: std::sync::Mutex::new(
+                sizes
+                    .iter()
+                    .map(|&(i, s)| (i, vec![0u8; s as usize]))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn span(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<std::ops::Range<usize>, vfio_mig_device::DeviceError> {
+        let size = self
+            .sizes
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, s)| *s)
+            .unwrap_or(0);
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(vfio_mig_device::DeviceError::new(
+                vfio_mig_uapi::Errno::EINVAL,
+                "out of region",
+            ));
+        }
+        Ok(offset as usize..offset as usize + len)
+    }
+}
+
+impl RegionAccess for RamRegions {
+    fn regions(&self) -> Vec<RegionInfo> {
+        self.sizes
+            .iter()
+            .map(|&(index, size)| RegionInfo {
+                index,
+                size,
+                readable: true,
+                writable: true,
+            })
+            .collect()
+    }
+    fn irqs(&self) -> Vec<IrqInfo> {
+        self.irqs.clone()
+    }
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), vfio_mig_device::DeviceError> {
+        let span = self.span(index, offset, buf.len())?;
+        buf.copy_from_slice(&self.mem.lock().unwrap()[&index][span]);
+        Ok(())
+    }
+    fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), vfio_mig_device::DeviceError> {
+        let span = self.span(index, offset, data.len())?;
+        self.mem.lock().unwrap().get_mut(&index).unwrap()[span].copy_from_slice(data);
+        Ok(())
+    }
+}
