@@ -250,12 +250,12 @@ impl MappedRegion {
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
-        // SAFETY: `base`/`map_len` are exactly what `mmap` returned and was given; no
-        // reference into the mapping exists (only copies are made, under `&self`, which
-        // cannot coexist with this `&mut self`).
-        if let Err(e) =
-            unsafe { rustix::mm::munmap(self.base.as_ptr().cast::<c_void>(), self.map_len) }
-        {
+        let (base, len) = (self.base.as_ptr().cast::<c_void>(), self.map_len);
+        // SAFETY: `base`/`len` are exactly what `mmap` returned and was given; no reference
+        // into the mapping exists (only copies are made, under `&self`, which cannot coexist
+        // with this `&mut self`).
+        let unmapped = unsafe { rustix::mm::munmap(base, len) };
+        if let Err(e) = unmapped {
             tracing::warn!(error = %e, "munmap of a DMA window failed");
         }
     }
