@@ -15,6 +15,7 @@ use crate::app::Context;
 
 pub mod demo;
 pub mod fsm;
+pub mod serve;
 
 /// The commands.
 #[derive(Debug, Subcommand)]
@@ -25,6 +26,9 @@ pub enum Command {
     /// Explore the migration state machine: next step, whole paths, tables, graphs.
     #[command(subcommand)]
     Fsm(fsm::FsmCommand),
+    /// Run a vfio-user server for an emulated device, one client after another, until
+    /// SIGINT or SIGTERM.
+    Serve(serve::ServeArgs),
 }
 
 impl Command {
@@ -33,6 +37,7 @@ impl Command {
         match self {
             Command::Demo(args) => demo::run(args, ctx, out),
             Command::Fsm(cmd) => fsm::run(cmd, ctx, out),
+            Command::Serve(args) => serve::run(args, ctx, out),
         }
     }
 }
