@@ -271,9 +271,10 @@ struct ServedMembuf {
 
 impl ServedMembuf {
     fn start(path: &Path, config: MembufConfig) -> anyhow::Result<ServedMembuf> {
+        let dma_logging = config.dma_logging;
         let device = membuf::create(config).context("creating the membuf device")?;
         let hosted = HostedDevice::new(device.migration(), device.regions())
-            .with_dma(device.dma().clone(), true);
+            .with_dma(device.dma().clone(), dma_logging);
         let mut server = Server::bind(path, hosted)
             .with_context(|| format!("serving vfio-user:{}", path.display()))?;
         let stop = server.stop_handle();
