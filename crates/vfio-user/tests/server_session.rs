@@ -619,8 +619,15 @@ fn dma_map_unmap_and_logging() {
             }),
         )
     };
-    // Nothing mapped: nothing to log.
+    // Nothing mapped: nothing to log. More ranges than the kernel takes: E2BIG.
     assert_errno(&call(&mut s, log_start(vec![])), Errno::EINVAL);
+    let many = (0..257)
+        .map(|i| IovaRange {
+            iova: i * 8192,
+            length: 4096,
+        })
+        .collect();
+    assert_errno(&call(&mut s, log_start(many)), Errno::E2BIG);
 
     let ram = memfd(64 * KIB);
     let map = |addr, size, offset| {

@@ -7,8 +7,8 @@ mod server_support;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::thread::{self, JoinHandle};
+use std::path::Path;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use server_support::*;
@@ -16,47 +16,10 @@ use vfio_mig_device::{DeviceState, MigrationDevice};
 use vfio_mig_devices::membuf::{self, MembufConfig, REG_DIGEST};
 use vfio_mig_uapi::{Errno, MigrationFeatures};
 use vfio_mig_vfio_user::codec::*;
-use vfio_mig_vfio_user::server::{HostedDevice, ServeError, Server, StopHandle};
+use vfio_mig_vfio_user::server::{ServeError, Server};
 use vfio_mig_vfio_user::socket::Connection;
 
 const KIB: u64 = 1024;
-
-/// A server running on its own thread; stopped and joined on drop.
-struct Running {
-    path: PathBuf,
-    stop: StopHandle,
-    thread: Option<JoinHandle<Result<(), ServeError>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    fn start(hosted: HostedDevice) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dev.sock");
-        let mut server = Server::bind(&path, hosted).unwrap();
-        let stop = server.stop_handle();
-        let thread = thread::spawn(move || server.serve_forever());
-        Running {
-            path,
-            stop,
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-
-    fn finish(&mut self) -> Result<(), ServeError> {
-        self.stop.stop();
-        self.thread.take().map_or(Ok(()), |t| t.join().unwrap())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !thread::panicking() {
-            self.finish().unwrap();
-        }
-    }
-}
 
 /// A raw client: codec messages over [`Connection`].
 struct Raw {

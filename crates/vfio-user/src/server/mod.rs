@@ -202,10 +202,16 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The limits incoming messages are checked against (pass them to the socket layer).
+    ///
+    /// Arrays (DMA-logging ranges, coalesced writes) are bounded only by the message size,
+    /// so that the device, not the decoder, refuses too many ranges, with the kernel's
+    /// `E2BIG`; the decoder checks that the bytes are there before it allocates.
     pub fn limits(&self) -> Limits {
+        let limits = Limits::for_data_xfer_size(self.max_data_xfer_size);
         Limits {
             max_fds: self.max_msg_fds,
-            ..Limits::for_data_xfer_size(self.max_data_xfer_size)
+            max_ranges: limits.max_msg_size / 16,
+            ..limits
         }
     }
 }

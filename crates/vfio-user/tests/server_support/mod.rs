@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 
 use rustix::fs::{memfd_create, MemfdFlags};
 use vfio_mig_device::{IrqInfo, RegionAccess, RegionInfo};
@@ -13,7 +15,7 @@ use vfio_mig_vfio_user::codec::{
     Version, FEATURE_GET, FEATURE_SET, HEADER_SIZE,
 };
 use vfio_mig_vfio_user::extension::VfioMigCapability;
-use vfio_mig_vfio_user::server::{HostedDevice, ServerSession};
+use vfio_mig_vfio_user::server::{HostedDevice, ServeError, Server, ServerSession, StopHandle};
 
 /// A still membuf of `size` bytes with `features`, and the handles to host it.
 pub fn membuf(size: u64, features: MigrationFeatures, seed: u64) -> (Membuf, HostedDevice) {
@@ -285,5 +287,136 @@ impl RegionAccess for RamRegions {
         let span = self.span(index, offset, data.len())?;
         self.mem.lock().unwrap().get_mut(&index).unwrap()[span].copy_from_slice(data);
         Ok(())
+    }
+}
+
+/// A server running on its own thread; stopped and joined on drop.
+pub struct Running {
+    pub path: PathBuf,
+    pub stop: StopHandle,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub fn start(hosted: HostedDevice) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.sock");
+        let mut server = Server::bind(&path, hosted).unwrap();
+        let stop = server.stop_handle();
+        let thread = thread::spawn(move || server.serve_forever());
+        Running {
+            path,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    pub fn finish(&mut self) -> Result<(), ServeError> {
+        self.stop.stop();
+        self.thread.take().map_or(Ok(()), |t| t.join().unwrap())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !thread::panicking() {
+            self.finish().unwrap();
+        }
+    }
+}
+
+/// A membuf behind our server, reached through our client: a [`MigrationDevice`] that keeps
+/// its server running as long as it lives.
+pub struct Served {
+    /// The client side.
+    pub remote: vfio_mig_vfio_user::client::RemoteDevice,
+    /// The device, in-process (for checks from outside the protocol).
+    pub membuf: Membuf,
+    /// The server thread.
+    pub server: Running,
+}
+
+impl Served {
+    /// Serves a membuf made from `config` and connects our client (default options).
+    pub fn membuf(config: MembufConfig) -> Served {
+        Served::membuf_with(config, vfio_mig_vfio_user::client::ClientOptions::default())
+    }
+
+    /// Serves a membuf made from `config` and connects a client with `options`.
+    pub fn membuf_with(
+        config: MembufConfig,
+        options: vfio_mig_vfio_user::client::ClientOptions,
+    ) -> Served {
+        let (membuf, hosted) = membuf_with(config);
+        let server = Running::start(hosted);
+        let client =
+            vfio_mig_vfio_user::client::Client::connect_with(&server.path, options).unwrap();
+        let remote = vfio_mig_vfio_user::client::RemoteDevice::new(Arc::new(client));
+        Served {
+            remote,
+            membuf,
+            server,
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.server.path
+    }
+
+    /// The state digest, read over vfio-user (BAR0 register 0x10).
+    pub fn digest(&self) -> Result<u64, vfio_mig_device::DeviceError> {
+        let mut b = [0u8; 8];
+        self.remote
+            .client()
+            .region_read(0, membuf::REG_DIGEST, &mut b)
+            .map_err(|e| e.into_device_error("REGION_READ of the digest"))?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl vfio_mig_device::MigrationDevice for Served {
+    fn features(&self) -> Result<MigrationFeatures, vfio_mig_device::DeviceError> {
+        self.remote.features()
+    }
+    fn identity(&self) -> Result<vfio_mig_device::DeviceIdentity, vfio_mig_device::DeviceError> {
+        self.remote.identity()
+    }
+    fn state(&self) -> Result<vfio_mig_device::DeviceState, vfio_mig_device::DeviceError> {
+        self.remote.state()
+    }
+    fn set_state(
+        &self,
+        target: vfio_mig_device::DeviceState,
+    ) -> Result<Option<vfio_mig_device::DataStream>, vfio_mig_device::TransitionError> {
+        self.remote.set_state(target)
+    }
+    fn data_size(&self) -> Result<u64, vfio_mig_device::DeviceError> {
+        self.remote.data_size()
+    }
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[vfio_mig_device::IovaRange],
+    ) -> Result<u64, vfio_mig_device::DeviceError> {
+        self.remote.dma_logging_start(page_size, ranges)
+    }
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), vfio_mig_device::DeviceError> {
+        self.remote
+            .dma_logging_report(iova, length, page_size, bitmap)
+    }
+    fn dma_logging_stop(&self) -> Result<(), vfio_mig_device::DeviceError> {
+        self.remote.dma_logging_stop()
+    }
+    fn reset(&self) -> Result<(), vfio_mig_device::DeviceError> {
+        self.remote.reset()
     }
 }
