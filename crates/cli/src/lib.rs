@@ -6,8 +6,10 @@
 //! function that [`commands::Command::run`] dispatches to.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod app;
 pub mod commands;
 pub mod exit;
+pub mod progress;
 
 pub use app::main;

@@ -15,7 +15,14 @@ use crate::app::Context;
 
 pub mod demo;
 pub mod fsm;
+pub mod info;
+pub mod inspect;
+pub mod load;
+pub mod migrate;
+pub mod receive;
+pub mod save;
 pub mod serve;
+pub mod state;
 
 /// The commands.
 #[derive(Debug, Subcommand)]
@@ -29,6 +36,20 @@ pub enum Command {
     /// Run a vfio-user server for an emulated device, one client after another, until
     /// SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Show a device: capabilities, state, data-size estimate, DMA-logging support.
+    Info(info::InfoArgs),
+    /// Show a device's migration state, or move it to TARGET (printing the arcs taken).
+    State(state::StateArgs),
+    /// Live-migrate devices into other devices, or to a `vfio-mig receive` over the network.
+    Migrate(migrate::MigrateArgs),
+    /// Receive a migration over the network into local devices.
+    Receive(receive::ReceiveArgs),
+    /// Save devices' state into a file (cold migration; the devices stay stopped).
+    Save(save::SaveArgs),
+    /// Load a saved file into devices and start them.
+    Load(load::LoadArgs),
+    /// Describe a saved stream and check its integrity.
+    Inspect(inspect::InspectArgs),
 }
 
 impl Command {
@@ -38,6 +59,13 @@ impl Command {
             Command::Demo(args) => demo::run(args, ctx, out),
             Command::Fsm(cmd) => fsm::run(cmd, ctx, out),
             Command::Serve(args) => serve::run(args, ctx, out),
+            Command::Info(args) => info::run(args, ctx, out),
+            Command::State(args) => state::run(args, ctx, out),
+            Command::Migrate(args) => migrate::run(args, ctx, out),
+            Command::Receive(args) => receive::run(args, ctx, out),
+            Command::Save(args) => save::run(args, ctx, out),
+            Command::Load(args) => load::run(args, ctx, out),
+            Command::Inspect(args) => inspect::run(args, ctx, out),
         }
     }
 }
