@@ -31,7 +31,11 @@ pub fn run(args: InspectArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Re
     if args.json {
         json_line(out, &inspection)?;
     } else {
-        write!(out, "{inspection}")?;
+        let text = inspection.to_string();
+        out.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            writeln!(out)?;
+        }
     }
     match &inspection.integrity {
         Integrity::Ok => Ok(()),
