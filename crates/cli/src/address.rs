@@ -15,6 +15,7 @@
 //! backend is not in this build yet.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use vfio_mig_device::MigrationDevice;
 use vfio_mig_orchestrator::{Address as TransportAddress, NamedDevice};
-use vfio_mig_vfio_user::client::{Client, ClientOptions, RemoteDevice};
+use vfio_mig_vfio_user::client::{Client, ClientError, ClientOptions, RemoteDevice};
+use vfio_mig_vfio_user::socket::SocketError;
 
 /// The device forms, for error messages.
 pub const DEVICE_FORMS: &str =
@@ -530,12 +532,8 @@ impl DeviceAddress {
                     timeout: Some(VFIO_USER_TIMEOUT),
                     ..ClientOptions::default()
                 };
-                let client = Client::connect_with(path, options).with_context(|| {
-                    format!(
-                        "cannot connect to {self} (a vfio-user server serves one client at a \
-                         time: is another one connected?)"
-                    )
-                })?;
+                let client =
+                    Client::connect_with(path, options).map_err(|e| connect_failed(self, e))?;
                 let client = Arc::new(client);
                 let device: Arc<dyn MigrationDevice> =
                     Arc::new(RemoteDevice::new(Arc::clone(&client)));
@@ -550,6 +548,30 @@ impl DeviceAddress {
             ),
         }
     }
+}
+
+/// The error of a failed vfio-user connection: the reason in the one line, with a hint
+/// when the server did not answer (it serves one client at a time).
+fn connect_failed(address: &DeviceAddress, err: ClientError) -> anyhow::Error {
+    let timed_out = matches!(
+        &err,
+        ClientError::Socket(SocketError::Io(e))
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    );
+    let line = if timed_out {
+        format!(
+            "cannot connect to {address}: no answer within {} s (a vfio-user server serves one \
+             client at a time: is another one connected?)",
+            VFIO_USER_TIMEOUT.as_secs()
+        )
+    } else {
+        let mut root: &dyn std::error::Error = &err;
+        while let Some(cause) = root.source() {
+            root = cause;
+        }
+        format!("cannot connect to {address}: {root}")
+    };
+    anyhow::Error::new(err).context(line)
 }
 
 /// Opens every device, in order.
@@ -720,6 +742,23 @@ mod tests {
             "{err}"
         );
         assert_eq!(crate::exit::Exit::of(&err), crate::exit::Exit::Failed);
+    }
+
+    #[test]
+    fn a_silent_server_gets_a_hint_other_failures_their_reason() {
+        let addr = DeviceAddress::VfioUser("/run/x.sock".into());
+        let silent = ClientError::Socket(SocketError::Io(io::ErrorKind::WouldBlock.into()));
+        let line = connect_failed(&addr, silent).to_string();
+        assert!(line.starts_with("cannot connect to vfio-user:/run/x.sock: no answer within 30 s"));
+        assert!(line.contains("one client at a time"), "{line}");
+        let refused = ClientError::Socket(SocketError::Io(io::ErrorKind::ConnectionRefused.into()));
+        let line = connect_failed(&addr, refused).to_string();
+        assert!(
+            line.starts_with("cannot connect to vfio-user:/run/x.sock: "),
+            "{line}"
+        );
+        assert!(line.to_lowercase().contains("refused"), "{line}");
+        assert!(!line.contains("one client at a time"), "{line}");
     }
 
     #[test]

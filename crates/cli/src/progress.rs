@@ -180,7 +180,12 @@ impl LiveState {
             Some(s) => s.to_string(),
             None => "starting".to_owned(),
         };
-        if self.rate_bps > 0.0 {
+        // A rate only means something while state data flows.
+        let moving = matches!(
+            self.stage,
+            Some(Stage::Precopy | Stage::StopCopy | Stage::Receiving)
+        );
+        if moving && self.rate_bps > 0.0 {
             let _ = write!(msg, "  {}", rate(self.rate_bps));
         }
         if let (Some(Stage::Precopy), Some((round, predicted))) = (self.stage, self.round) {
@@ -471,6 +476,15 @@ mod tests {
             live.message(),
             "precopy  250.0 MB/s  round 2, predicted downtime 3.2 ms"
         );
+        live.update(
+            Side::Source,
+            &Event::Stage {
+                side: Side::Source,
+                stage: Stage::Completion,
+                elapsed_ms: 4.0,
+            },
+        );
+        assert_eq!(live.message(), "completion", "no stale rate");
         let warning = live.update(
             Side::Source,
             &Event::Warning {
