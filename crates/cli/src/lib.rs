@@ -10,6 +10,7 @@ pub mod address;
 pub mod app;
 pub mod commands;
 pub mod exit;
+mod interrupt;
 pub mod progress;
 
 pub use app::main;

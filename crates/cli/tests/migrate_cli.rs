@@ -563,3 +563,59 @@ fn receive_prints_a_text_first_line_and_migrate_to_nobody_fails() {
     );
     assert_eq!(a.look().0, DeviceState::Running);
 }
+
+#[test]
+fn an_interrupted_migration_rolls_back_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Served::start(dir.path(), "s", "membuf:size=1M,dirty-rate=8M,seed=1");
+    let dst = Served::start(dir.path(), "d", "membuf:size=1M,seed=2");
+
+    // Never converges (a downtime limit of 0 with a dirtying source): only Ctrl-C ends it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
+        .args(["migrate", &src.address(), &dst.address(), "--json"])
+        .args(["--downtime-limit", "0", "--max-rounds", "1000000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "migrate ended early"
+        );
+        if line.contains("\"precopy-round\"") {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    assert_eq!(
+        src.look().0,
+        DeviceState::Running,
+        "source rolled back: {stderr}"
+    );
+    assert_eq!(
+        dst.look().0,
+        DeviceState::Running,
+        "destination reset: {stderr}"
+    );
+}

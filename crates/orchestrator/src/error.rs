@@ -198,6 +198,9 @@ pub enum Failure {
         /// The source's reason.
         reason: String,
     },
+    /// The user cancelled the migration (e.g. with Ctrl-C) through a [`crate::Cancel`].
+    #[error("the migration was cancelled")]
+    Cancelled,
     /// An engine thread panicked (a bug).
     #[error("an engine thread panicked")]
     Panicked,

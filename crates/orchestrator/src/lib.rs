@@ -47,5 +47,5 @@ pub use event::{
 };
 pub use local::{load, migrate_local, save};
 pub use policy::{ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason};
-pub use source::{migrate_out, NamedDevice, SourceOptions};
+pub use source::{migrate_out, Cancel, NamedDevice, SourceOptions, CANCEL_POLL};
 pub use transport::{Listener, Transport};

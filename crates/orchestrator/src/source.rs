@@ -100,7 +100,35 @@ pub struct SourceOptions {
     pub producer: String,
     /// Where events go.
     pub events: Option<EventSink>,
+    /// Cancels the migration from another thread (a signal handler, a UI): the source
+    /// rolls back as after any failure, unless the stream was already complete.
+    pub cancel: Option<Cancel>,
 }
+
+/// A cancellation request shared between the engine and whoever may cancel it. Cheap to
+/// clone; cancelling is permanent.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A token not cancelled yet.
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Asks the engine to stop; it notices within [`CANCEL_POLL`].
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How often a waiting engine looks at its [`Cancel`] token.
+pub const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 impl Default for SourceOptions {
     fn default() -> Self {
@@ -117,6 +145,7 @@ impl Default for SourceOptions {
             shared_clock: false,
             producer: StreamConfig::default().producer,
             events: None,
+            cancel: None,
         }
     }
 }
@@ -136,6 +165,7 @@ impl fmt::Debug for SourceOptions {
             .field("shared_clock", &self.shared_clock)
             .field("producer", &self.producer)
             .field("events", &self.events.is_some())
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
@@ -683,21 +713,29 @@ impl<'a> SourceEngine<'a> {
         deadline: Option<Instant>,
         waiting_for: &'static str,
     ) -> Result<Option<Report>, Failure> {
-        let report = match deadline {
-            None => self.reports.recv().map_err(|_| Failure::Panicked)?,
-            Some(d) => match self
-                .reports
-                .recv_timeout(d.saturating_duration_since(Instant::now()))
-            {
-                Ok(r) => r,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(Failure::AckTimeout {
-                        waiting_for,
-                        timeout: self.opts.ack_timeout,
-                    })
+        // Wait in slices so that a cancellation is noticed while nothing else happens.
+        let report = loop {
+            if self.opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+                return Err(Failure::Cancelled);
+            }
+            let slice = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Failure::AckTimeout {
+                            waiting_for,
+                            timeout: self.opts.ack_timeout,
+                        });
+                    }
+                    left.min(CANCEL_POLL)
                 }
+                None => CANCEL_POLL,
+            };
+            match self.reports.recv_timeout(slice) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Err(Failure::Panicked),
-            },
+            }
         };
         match report {
             Report::ReaderFailed(f) => Err(f),

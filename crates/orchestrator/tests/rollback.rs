@@ -544,3 +544,44 @@ fn a_device_without_migration_is_refused_clearly() {
     assert_eq!(state(&src), DeviceState::Running);
     assert_eq!(state(&dst), DeviceState::Running);
 }
+
+#[test]
+fn a_cancelled_migration_rolls_back() {
+    use std::sync::Arc;
+    use vfio_mig_orchestrator::{Cancel, Event};
+
+    let p = Pair::new(64 * KIB, 0x7);
+    let cancel = Cancel::new();
+    let on_round = cancel.clone();
+    let opts = SourceOptions {
+        // Never converges, so only the cancellation ends the precopy phase.
+        downtime_limit: Duration::ZERO,
+        max_precopy_rounds: u32::MAX,
+        cancel: Some(cancel),
+        events: Some(Arc::new(move |e: &Event| {
+            if matches!(e, Event::PrecopyRound { .. }) {
+                on_round.cancel();
+            }
+        })),
+        ..src_opts()
+    };
+    let err = migrate_local(
+        &[named("s", &p.src)],
+        &[named("d", &p.dst)],
+        &opts,
+        &dst_opts(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(*err.failure, Failure::Cancelled),
+        "{}",
+        err.report()
+    );
+    assert_eq!(
+        err.recovery.outcome,
+        RecoveryOutcome::RolledBack,
+        "{}",
+        err.report()
+    );
+    p.assert_rolled_back("cancelled");
+}

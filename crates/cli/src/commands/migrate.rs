@@ -239,6 +239,7 @@ pub(crate) fn source_options(
         precopy: !tuning.no_precopy,
         allow_non_p2p,
         events: Some(events),
+        cancel: crate::interrupt::interrupt_token(),
         ..SourceOptions::default()
     }
 }
