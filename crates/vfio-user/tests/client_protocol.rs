@@ -81,7 +81,7 @@ where
             let (header, bytes, fds) = match conn.recv(&limits) {
                 Ok(r) => (r.header(), r.bytes.to_vec(), r.fds),
                 Err(SocketError::Closed) => return handled,
-                Err(e) => panic!("{e}"),
+                Err(e) => panic!("after {handled} requests: {e:?}"),
             };
             let Body::Request(body) = Message::decode(&bytes, &limits).unwrap().body else {
                 panic!("client sent a non-request {header:?}");
@@ -675,4 +675,99 @@ fn dirty_report_is_split_when_the_bitmap_exceeds_a_message() {
     );
     drop(client);
     assert_eq!(server.join().unwrap(), dirty.len());
+}
+
+/// STOP_COPY reads ask for the next chunk before the caller does; anything exchanged in
+/// between keeps that chunk for the next read, and a session that ends drops it.
+#[test]
+fn stop_copy_read_ahead_loses_nothing_and_leaks_nothing() {
+    const LEN: usize = 10 * 1024;
+    let pattern: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8).collect();
+    let served = pattern.clone();
+    let mut state = DeviceState::Running;
+    let mut pos = 0usize;
+    let log = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let seen = Arc::clone(&log);
+    let (stream, server) = serve(Flavor::Standard, move |conn, req| {
+        let before = state;
+        if answer_state_machine(conn, &req, MigrationFeatures::STOP_COPY, &mut state) {
+            if state == DeviceState::StopCopy && before != DeviceState::StopCopy {
+                pos = 0;
+            }
+            return;
+        }
+        match req.body {
+            Request::MigDataRead(r) => {
+                seen.lock().unwrap().push("read");
+                assert_eq!(state, DeviceState::StopCopy, "read outside STOP_COPY");
+                let n = (r.size as usize).min(LEN - pos);
+                let data = &served[pos..pos + n];
+                pos += n;
+                answer(
+                    conn,
+                    &req.header,
+                    Reply::MigDataRead(MigDataReadReply::new(data)),
+                );
+            }
+            Request::RegionRead(a) => {
+                seen.lock().unwrap().push("region");
+                let data = vec![0xee; a.count as usize];
+                answer(
+                    conn,
+                    &req.header,
+                    Reply::RegionRead(vfio_mig_vfio_user::codec::RegionData {
+                        offset: a.offset,
+                        region: a.region,
+                        data: &data,
+                    }),
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    let device = RemoteDevice::new(client_for(stream));
+    let client = Arc::clone(device.client());
+
+    let mut s = device.set_state(DeviceState::StopCopy).unwrap().unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(4096));
+    got.extend_from_slice(&buf);
+    // The next 4 KiB were asked for already; this exchange receives them first.
+    let mut reg = [0u8; 8];
+    client.region_read(0, 0, &mut reg).unwrap();
+    assert_eq!(reg, [0xee; 8]);
+    assert_eq!(*log.lock().unwrap(), ["read", "read", "region"]);
+    // Served from the stash, in pieces smaller than the chunk.
+    let mut small = vec![0u8; 1000];
+    assert_eq!(s.read(&mut small).unwrap(), ReadOutcome::Data(1000));
+    got.extend_from_slice(&small);
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(3096));
+    got.extend_from_slice(&buf[..3096]);
+    // 2 KiB left: a short reply, after which nothing is asked ahead.
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(2048));
+    got.extend_from_slice(&buf[..2048]);
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::End);
+    assert_eq!(got, pattern);
+    assert_eq!(log.lock().unwrap().len(), 5);
+
+    // A session left mid-stream: the chunk read ahead is dropped with it.
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    drop(s);
+    let mut s = device.set_state(DeviceState::StopCopy).unwrap().unwrap();
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(4096));
+    assert_eq!(buf[..], pattern[..4096]);
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    let mut s2 = device.set_state(DeviceState::StopCopy).unwrap().unwrap();
+    assert_eq!(s.read(&mut buf).unwrap_err().errno(), Errno::ENODEV);
+    assert_eq!(s2.read(&mut buf).unwrap(), ReadOutcome::Data(4096));
+    assert_eq!(
+        buf[..],
+        pattern[..4096],
+        "a new session starts at its own beginning"
+    );
+    // Dropping the client with a read outstanding collects it first: the server sees a
+    // clean close, not a reset.
+    drop((s, s2, device, client));
+    server.join().unwrap();
 }

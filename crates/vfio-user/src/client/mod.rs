@@ -34,8 +34,9 @@ use vfio_mig_device::DeviceError;
 use vfio_mig_uapi::Errno;
 
 use crate::codec::{
-    Body, Capabilities, CodecError, Command, Header, Limits, Message, MessageKind, Payload, Reply,
-    Request, Version, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE, VERSION_MAJOR, VERSION_MINOR,
+    Body, Capabilities, CodecError, Command, Header, Limits, Message, MessageKind,
+    MigDataReadRequest, Payload, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE,
+    VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::extension::{ExtensionError, VfioMigCapability, LEGACY_MAX_PAYLOAD};
 use crate::socket::{Connection, Incoming, SocketError};
@@ -212,6 +213,28 @@ struct Wire {
     conn: Connection,
     next_id: u16,
     broken: Option<String>,
+    ahead: ReadAhead,
+}
+
+/// A MIG_DATA_READ sent before the caller asked for it (STOP_COPY only), and its reply when
+/// another exchange had to receive it first.
+#[derive(Default)]
+struct ReadAhead {
+    /// msg_id and size of the outstanding request.
+    pending: Option<(u16, u32)>,
+    /// What its reply brought, not yet handed to a reader.
+    stash: Option<Stashed>,
+    /// Where stashed data lives (reused).
+    buf: Vec<u8>,
+}
+
+/// A read-ahead reply waiting for the next read.
+#[derive(Clone, Copy)]
+enum Stashed {
+    /// `buf[start..end]`.
+    Data { start: usize, end: usize },
+    /// The server refused the read.
+    Error(Errno),
 }
 
 impl Wire {
@@ -290,6 +313,7 @@ impl Client {
                 conn,
                 next_id: 1,
                 broken: None,
+                ahead: ReadAhead::default(),
             }),
             negotiated,
         })
@@ -318,27 +342,41 @@ impl Client {
         &self,
         request: Request<'_>,
         fds: &[BorrowedFd<'_>],
-        mut dest: Option<&mut [u8]>,
+        dest: Option<&mut [u8]>,
         handle: impl FnOnce(Answer<'_>, Option<&mut [u8]>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let mut wire = self.lock_wire();
-        if let Some(why) = &wire.broken {
-            return Err(ClientError::Broken(why.clone()));
-        }
-        let limits = self.negotiated.incoming;
-        let id = wire.take_id();
+        let mut wire = self.usable_wire()?;
+        self.drain_read_ahead(&mut wire)?;
         let command = request.command();
-        let message = Message::request(id, request);
-        if let Err(e) = wire.conn.send_message(&message, fds) {
-            return Err(match e {
-                // Nothing was written: the stream is still in step.
-                SocketError::Codec(c) => ClientError::Codec(c),
-                e => wire.fail(ClientError::Socket(e)),
-            });
-        }
+        let message = Message::request(wire.take_id(), request);
+        send(&mut wire, &message, fds)?;
         let Body::Request(request) = &message.body else {
             unreachable!("Message::request builds a request body");
         };
+        self.await_reply(&mut wire, message.msg_id, command, request, dest, handle)
+    }
+
+    /// The wire, unless an earlier failure broke it.
+    fn usable_wire(&self) -> Result<MutexGuard<'_, Wire>, ClientError> {
+        let wire = self.lock_wire();
+        match &wire.broken {
+            Some(why) => Err(ClientError::Broken(why.clone())),
+            None => Ok(wire),
+        }
+    }
+
+    /// Waits for the reply to message `id` (`command`, sent as `request`), refusing any
+    /// server command that comes first.
+    fn await_reply<T>(
+        &self,
+        wire: &mut Wire,
+        id: u16,
+        command: Command,
+        request: &Request<'_>,
+        mut dest: Option<&mut [u8]>,
+        handle: impl FnOnce(Answer<'_>, Option<&mut [u8]>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let limits = self.negotiated.incoming;
         loop {
             let received = match dest.as_deref_mut() {
                 Some(d) => wire.conn.recv_into(&limits, d),
@@ -370,7 +408,7 @@ impl Client {
             if header.kind().ok() == Some(MessageKind::Command) {
                 let no_reply = header.no_reply();
                 drop(incoming);
-                refuse_server_command(&mut wire, &header, no_reply)?;
+                refuse_server_command(wire, &header, no_reply)?;
                 continue;
             }
             if header.msg_id != id || header.cmd != command.raw() {
@@ -406,6 +444,140 @@ impl Client {
                 },
             };
             return handle(answer, dest);
+        }
+    }
+
+    /// Receives the reply of a MIG_DATA_READ sent ahead, if one is outstanding, into the
+    /// stash, where the next read finds it.
+    fn drain_read_ahead(&self, wire: &mut Wire) -> Result<(), ClientError> {
+        let Some((id, size)) = wire.ahead.pending.take() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut wire.ahead.buf);
+        if buf.len() < size as usize {
+            // At most the negotiated read size: bounded by our own limits.
+            buf.resize(size as usize, 0);
+        }
+        let request = Request::MigDataRead(MigDataReadRequest::new(size));
+        let got = self.await_reply(
+            wire,
+            id,
+            Command::MigDataRead,
+            &request,
+            Some(&mut buf[..size as usize]),
+            |answer, dest| ops::check_mig_data_read(size, answer, dest.unwrap_or_default()),
+        );
+        wire.ahead.buf = buf;
+        wire.ahead.stash = Some(match got {
+            Ok(n) => Stashed::Data { start: 0, end: n },
+            Err(e) => Stashed::Error(e.errno()),
+        });
+        match &wire.broken {
+            Some(why) => Err(ClientError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// One MIG_DATA_READ into `buf` (a stashed or outstanding read-ahead first); with
+    /// `ahead`, a full reply is followed at once by the next request of the same size, so
+    /// the server produces the next chunk while this one is consumed.
+    pub(super) fn read_mig_data(&self, buf: &mut [u8], ahead: bool) -> Result<usize, ClientError> {
+        let mut wire = self.usable_wire()?;
+        loop {
+            if let Some(stashed) = wire.ahead.stash.take() {
+                return match stashed {
+                    Stashed::Data { start, end } => {
+                        let n = (end - start).min(buf.len());
+                        buf[..n].copy_from_slice(&wire.ahead.buf[start..start + n]);
+                        if start + n < end {
+                            wire.ahead.stash = Some(Stashed::Data {
+                                start: start + n,
+                                end,
+                            });
+                        }
+                        Ok(n)
+                    }
+                    Stashed::Error(errno) => Err(ClientError::Remote {
+                        command: Command::MigDataRead.raw(),
+                        errno,
+                    }),
+                };
+            }
+            match wire.ahead.pending {
+                Some((_, size)) if size as usize > buf.len() => {
+                    // Sent for a larger buffer than this one: take it through the stash.
+                    self.drain_read_ahead(&mut wire)?;
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let (id, size) = match wire.ahead.pending.take() {
+            Some(pending) => pending,
+            None => {
+                let size = buf.len().min(self.negotiated.max_read as usize) as u32;
+                let id = wire.take_id();
+                let message =
+                    Message::request(id, Request::MigDataRead(MigDataReadRequest::new(size)));
+                send(&mut wire, &message, &[])?;
+                (id, size)
+            }
+        };
+        let request = Request::MigDataRead(MigDataReadRequest::new(size));
+        let n = self.await_reply(
+            &mut wire,
+            id,
+            Command::MigDataRead,
+            &request,
+            Some(buf),
+            |answer, dest| ops::check_mig_data_read(size, answer, dest.unwrap_or_default()),
+        )?;
+        if ahead && n == size as usize && size > 0 {
+            let next = wire.take_id();
+            let message =
+                Message::request(next, Request::MigDataRead(MigDataReadRequest::new(size)));
+            // A failure here breaks the wire; the bytes just read are still good.
+            if send(&mut wire, &message, &[]).is_ok() {
+                wire.ahead.pending = Some((next, size));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Forgets any read-ahead (its data belongs to a session that ended).
+    pub(super) fn discard_read_ahead(&self) {
+        let mut wire = self.lock_wire();
+        if wire.broken.is_none() {
+            // An error here has broken the wire already; nothing more to undo.
+            let _ = self.drain_read_ahead(&mut wire);
+        }
+        wire.ahead.pending = None;
+        wire.ahead.stash = None;
+    }
+}
+
+/// Sends one message; a transport failure breaks the wire.
+fn send(wire: &mut Wire, message: &Message<'_>, fds: &[BorrowedFd<'_>]) -> Result<(), ClientError> {
+    wire.conn.send_message(message, fds).map_err(|e| match e {
+        // Encoding failed before anything was written: the stream is still in step.
+        SocketError::Codec(c) => ClientError::Codec(c),
+        e => wire.fail(ClientError::Socket(e)),
+    })
+}
+
+impl Drop for Client {
+    /// Collects an outstanding read-ahead so the server is not left writing to a closed
+    /// socket; waits at most a second for it.
+    fn drop(&mut self) {
+        let wire = self.wire.get_mut().unwrap_or_else(|p| p.into_inner());
+        if wire.ahead.pending.is_some() && wire.broken.is_none() {
+            let _ = wire
+                .conn
+                .stream()
+                .set_read_timeout(Some(Duration::from_secs(1)));
+            let mut wire = self.lock_wire();
+            // Errors here only mean the server went first.
+            let _ = self.drain_read_ahead(&mut wire);
         }
     }
 }

@@ -521,11 +521,7 @@ impl Client {
     /// One MIG_DATA_READ of up to `buf.len()` bytes (at most the negotiated read size),
     /// received straight into `buf`; returns the bytes the server gave.
     pub fn mig_data_read(&self, buf: &mut [u8]) -> Result<usize, ClientError> {
-        let size = buf.len().min(self.negotiated.max_read as usize) as u32;
-        let request = Request::MigDataRead(MigDataReadRequest::new(size));
-        self.exchange(request, &[], Some(buf), |answer, dest| {
-            check_mig_data_read(size, answer, dest.unwrap_or_default())
-        })
+        self.read_mig_data(buf, false)
     }
 
     /// One MIG_DATA_WRITE of the first bytes of `data` (as many as one message may carry),
@@ -628,7 +624,7 @@ fn check_region_read(
 
 /// Checks a MIG_DATA_READ reply to a request for `asked` bytes; returns the data length.
 /// libvfio-user pads replies to the size asked for: trailing zeros up to that are accepted.
-fn check_mig_data_read(
+pub(super) fn check_mig_data_read(
     asked: u32,
     answer: Answer<'_>,
     dest: &mut [u8],

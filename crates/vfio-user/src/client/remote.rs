@@ -122,6 +122,68 @@ impl RemoteDevice {
             }
         }
     }
+
+    fn set_state_tracked(
+        &self,
+        t: &mut Tracking,
+        target: DeviceState,
+    ) -> Result<Option<DataStream>, TransitionError> {
+        let unknown = |cause: DeviceError| TransitionError {
+            requested: target,
+            failed_arc: None,
+            reached: None,
+            cause,
+        };
+        let features = self.features_tracked(t).map_err(unknown)?;
+        let current = match t.state {
+            Some(s) => s,
+            None => self.state_tracked(t).map_err(unknown)?,
+        };
+        if let Err(e) = self.client.set_mig_state(target) {
+            let reached = self.state_tracked(t).ok();
+            if let (Some((_, dir)), Some(at)) = (t.session, reached) {
+                if session_in(at) != Some(dir) {
+                    t.session = None;
+                }
+            }
+            // Which arc failed: the one leaving the state the device stopped in, if that
+            // state is on the path the server walks.
+            let failed_arc = reached.and_then(|at| {
+                let p = path(current, target, features).ok()?;
+                let arc = p.arcs().find(|&(from, _)| from == at);
+                arc
+            });
+            let cause = e.into_device_error(format!("MIG_DEVICE_STATE SET {target}"));
+            return Err(TransitionError {
+                requested: target,
+                failed_arc,
+                reached,
+                cause,
+            });
+        }
+        t.state = Some(target);
+        match effect_of(current, target, features) {
+            SessionEffect::Opens(direction) => {
+                t.generation += 1;
+                t.session = Some((t.generation, direction));
+                Ok(Some(Box::new(RemoteStream {
+                    client: Arc::clone(&self.client),
+                    tracking: Arc::clone(&self.tracking),
+                    generation: t.generation,
+                    direction,
+                })))
+            }
+            SessionEffect::Keeps | SessionEffect::None
+                if t.session.map(|(_, d)| Some(d)) == Some(session_in(target)) =>
+            {
+                Ok(None)
+            }
+            _ => {
+                t.session = None;
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Whether a SET from `from` to `to` opens a session, and which; `Keeps`/`Ends`/`None`
@@ -178,63 +240,14 @@ impl MigrationDevice for RemoteDevice {
 
     fn set_state(&self, target: DeviceState) -> Result<Option<DataStream>, TransitionError> {
         let mut t = self.track();
-        let unknown = |cause: DeviceError| TransitionError {
-            requested: target,
-            failed_arc: None,
-            reached: None,
-            cause,
-        };
-        let features = self.features_tracked(&mut t).map_err(unknown)?;
-        let current = match t.state {
-            Some(s) => s,
-            None => self.state_tracked(&mut t).map_err(unknown)?,
-        };
-        if let Err(e) = self.client.set_mig_state(target) {
-            let reached = self.state_tracked(&mut t).ok();
-            if let (Some((_, dir)), Some(at)) = (t.session, reached) {
-                if session_in(at) != Some(dir) {
-                    t.session = None;
-                }
-            }
-            // Which arc failed: the one leaving the state the device stopped in, if that
-            // state is on the path the server walks.
-            let failed_arc = reached.and_then(|at| {
-                let p = path(current, target, features).ok()?;
-                let arc = p.arcs().find(|&(from, _)| from == at);
-                arc
-            });
-            let cause = e.into_device_error(format!("MIG_DEVICE_STATE SET {target}"));
-            return Err(TransitionError {
-                requested: target,
-                failed_arc,
-                reached,
-                cause,
-            });
+        let before = t.session;
+        let result = self.set_state_tracked(&mut t, target);
+        if t.session != before {
+            // Data read ahead for a session that is over must not reach anyone.
+            self.client.discard_read_ahead();
         }
-        t.state = Some(target);
-        match effect_of(current, target, features) {
-            SessionEffect::Opens(direction) => {
-                t.generation += 1;
-                t.session = Some((t.generation, direction));
-                Ok(Some(Box::new(RemoteStream {
-                    client: Arc::clone(&self.client),
-                    tracking: Arc::clone(&self.tracking),
-                    generation: t.generation,
-                    direction,
-                })))
-            }
-            SessionEffect::Keeps | SessionEffect::None
-                if t.session.map(|(_, d)| Some(d)) == Some(session_in(target)) =>
-            {
-                Ok(None)
-            }
-            _ => {
-                t.session = None;
-                Ok(None)
-            }
-        }
+        result
     }
-
     fn data_size(&self) -> Result<u64, DeviceError> {
         match self.client.mig_data_size() {
             Ok(n) => Ok(n),
@@ -296,6 +309,7 @@ impl MigrationDevice for RemoteDevice {
         // Whatever the answer, no stream of the old session may be used again.
         t.session = None;
         t.generation += 1;
+        self.client.discard_read_ahead();
         match result {
             Ok(()) => {
                 t.state = Some(DeviceState::Running);
@@ -368,7 +382,11 @@ impl MigrationStream for RemoteStream {
         if buf.is_empty() {
             return Err(DeviceError::new(Errno::EINVAL, "read into an empty buffer"));
         }
-        match self.client.mig_data_read(buf) {
+        // In STOP_COPY the next chunk is asked for before this one is consumed, so the
+        // server produces it while the caller works; PRE_COPY reads stay one at a time
+        // (precopy info must not miss data already fetched).
+        let ahead = state == Some(DeviceState::StopCopy);
+        match self.client.read_mig_data(buf, ahead) {
             Ok(0) if state == Some(DeviceState::StopCopy) => Ok(ReadOutcome::End),
             Ok(0) => Ok(ReadOutcome::NothingNow),
             Ok(n) => Ok(ReadOutcome::Data(n)),
