@@ -3,16 +3,13 @@
 //! the devices; on any failure resets every device it touched and tells the source.
 
 use std::fmt;
-use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use vfio_mig_device::{write_all, DataStream, DeviceState, MigrationFeatures};
-use vfio_mig_stream::{
-    check_compatibility, Decoder, DecoderLimits, DeviceInfo, DeviceTotals, Event as StreamEvent,
-};
+use vfio_mig_stream::{check_compatibility, DecoderLimits, DeviceInfo, DeviceTotals};
 
 use crate::ack::Ack;
 use crate::error::{
@@ -23,9 +20,10 @@ use crate::event::{
     unix_us, DestinationSummary, DeviceReport, Emitter, Event, EventSink, ProgressMeter, Side,
     Stage,
 };
+use crate::frames::{AckSink, Buffers, FrameSource, Payload, Record};
 use crate::source::NamedDevice;
 use crate::tracked::Tracked;
-use crate::transport::{Control, Transport};
+use crate::transport::{Control, DestinationEnd, Transport};
 
 /// How the destination engine receives.
 #[derive(Clone)]
@@ -90,13 +88,24 @@ pub fn migrate_in(
     transport: Transport,
     opts: &DestinationOptions,
 ) -> Result<DestinationSummary, MigrationError> {
-    let description = transport.description().to_owned();
-    let Transport {
-        reader,
-        writer,
+    let limits = DecoderLimits {
+        max_chunk: opts.max_chunk,
+    };
+    run_destination(devices, transport.into_destination_end(limits), opts)
+}
+
+/// [`migrate_in`] over any end: a byte transport's or an in-process link's.
+pub(crate) fn run_destination(
+    devices: &[NamedDevice],
+    end: DestinationEnd,
+    opts: &DestinationOptions,
+) -> Result<DestinationSummary, MigrationError> {
+    let DestinationEnd {
+        source,
+        acks,
         control,
-        ..
-    } = transport;
+        description,
+    } = end;
     let mut engine = DestinationEngine {
         devices,
         devs: Vec::new(),
@@ -105,28 +114,28 @@ pub fn migrate_in(
         stage: Stage::Discovery,
         transport_name: description,
         control,
-        acks: writer,
+        acks,
         producer: String::new(),
         stream_bytes: 0,
         pool: None,
         warnings: Vec::new(),
     };
-    let Some(mut reader) = reader else {
+    let Some(mut source) = source else {
         let failure = Failure::Options(format!(
             "the destination needs a readable transport; {} is not",
             engine.transport_name
         ));
         return Err(engine.fail(failure, None));
     };
-    match engine.run(&mut reader) {
+    match engine.run(&mut *source) {
         Ok(summary) => Ok(summary),
-        Err(failure) => Err(engine.fail(failure, Some(&mut reader))),
+        Err(failure) => Err(engine.fail(failure, Some(&mut *source))),
     }
 }
 
 struct DevWriter {
-    /// Chunks (buffer, payload length) in stream order.
-    tx: Option<SyncSender<(Vec<u8>, usize)>>,
+    /// Chunks in stream order.
+    tx: Option<SyncSender<Payload>>,
     join: JoinHandle<Result<(u64, DataStream), Failure>>,
 }
 
@@ -152,7 +161,7 @@ struct DestinationEngine<'a> {
     stage: Stage,
     transport_name: String,
     control: Control,
-    acks: Option<Box<dyn Write + Send>>,
+    acks: Option<Box<dyn AckSink>>,
     producer: String,
     stream_bytes: u64,
     /// Chunk buffers shared by all devices (created once the devices are accepted).
@@ -163,24 +172,13 @@ struct DestinationEngine<'a> {
 /// Where free chunk buffers are returned, and where they are taken from.
 type BufferPool = (SyncSender<Vec<u8>>, Receiver<Vec<u8>>);
 
-/// Record bodies at least this long are read straight into a pooled buffer.
-const DIRECT_MIN: usize = 4096;
-
-fn truncated(decoder: &mut Decoder) -> Failure {
-    match decoder.finish() {
-        Err(e) => Failure::Decode(e),
-        // A stream that ended properly demands no more bytes, so is never read past.
-        Ok(_) => Failure::Panicked,
-    }
-}
-
 impl<'a> DestinationEngine<'a> {
     fn enter(&mut self, stage: Stage) {
         self.stage = stage;
         self.em.stage(stage);
     }
 
-    fn run(&mut self, reader: &mut Box<dyn Read + Send>) -> Result<DestinationSummary, Failure> {
+    fn run(&mut self, source: &mut dyn FrameSource) -> Result<DestinationSummary, Failure> {
         self.em.stage(Stage::Discovery);
         if self.opts.buffers_per_device == 0 || self.opts.max_chunk == 0 {
             return Err(Failure::Options(
@@ -189,122 +187,26 @@ impl<'a> DestinationEngine<'a> {
         }
         self.control.set_read_timeout(self.opts.io_timeout);
         self.control.set_write_timeout(self.opts.io_timeout);
-        let mut decoder = Decoder::with_limits(DecoderLimits {
-            max_chunk: self.opts.max_chunk,
-        });
         let mut meter = ProgressMeter::new();
-        let mut end_at = None;
-        while end_at.is_none() {
-            let want = decoder.demand().len();
-            if want == 0 {
-                // Only after END or ABORT, which end this loop, or a failed decoder, which
-                // returned its error already.
-                break;
+        let end_at = loop {
+            let record = source.next(self);
+            self.stream_bytes = source.bytes();
+            if let Some(end_at) = self.on_record(record?)? {
+                break end_at;
             }
-            end_at = if want >= DIRECT_MIN && self.pool.is_some() {
-                self.read_direct(reader, &mut decoder, want)?
-            } else {
-                self.read_small(reader, &mut decoder)?
-            };
             if self.stage == Stage::Receiving {
                 meter.update(&self.em, Stage::Receiving, self.stream_bytes, false);
             }
-        }
-        meter.update(&self.em, Stage::Receiving, self.stream_bytes, true);
-        let Some(end_at) = end_at else {
-            return Err(Failure::Panicked);
         };
+        meter.update(&self.em, Stage::Receiving, self.stream_bytes, true);
         self.resume(end_at)
     }
 
-    /// One read into the decoder's own buffer (headers, frames, small records); returns the
-    /// time END arrived, if it did.
-    fn read_small(
-        &mut self,
-        reader: &mut Box<dyn Read + Send>,
-        decoder: &mut Decoder,
-    ) -> Result<Option<Instant>, Failure> {
-        let n = self.read_some(reader, decoder.demand())?;
-        if n == 0 {
-            return Err(truncated(decoder));
-        }
-        match decoder.commit(n).map_err(Failure::Decode)? {
-            Some(event) => self.on_event(event),
-            None => Ok(None),
-        }
-    }
-
-    /// A large record body (a DATA payload) read straight into a pooled buffer, decoded in
-    /// place there, and handed to the device's writer as it is: no copy.
-    fn read_direct(
-        &mut self,
-        reader: &mut Box<dyn Read + Send>,
-        decoder: &mut Decoder,
-        want: usize,
-    ) -> Result<Option<Instant>, Failure> {
-        let mut buf = self.take_buffer()?;
-        if buf.len() < want {
-            buf.resize(want, 0);
-        }
-        let mut got = 0;
-        while got < want {
-            let n = self.read_some(reader, &mut buf[got..want])?;
-            if n == 0 {
-                // Let the decoder see what arrived, so its error names the right offset.
-                let _ = decoder.feed(&buf[..got]);
-                return Err(truncated(decoder));
-            }
-            got += n;
-        }
-        let (_, event) = decoder.feed(&buf[..want]).map_err(Failure::Decode)?;
-        match event {
-            Some(StreamEvent::Data(chunk)) => {
-                // The whole record was in the input, so the payload is `buf[..want]`.
-                let (device, len) = (usize::from(chunk.device), chunk.payload.len());
-                debug_assert_eq!(len, want);
-                self.deliver(device, buf, len)?;
-                Ok(None)
-            }
-            Some(event) => {
-                let end = self.on_event(event);
-                self.return_buffer(buf);
-                end
-            }
-            None => {
-                self.return_buffer(buf);
-                Ok(None)
-            }
-        }
-    }
-
-    fn read_some(
-        &mut self,
-        reader: &mut Box<dyn Read + Send>,
-        into: &mut [u8],
-    ) -> Result<usize, Failure> {
-        loop {
-            match reader.read(into) {
-                Ok(n) => {
-                    self.stream_bytes += n as u64;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Failure::transport(
-                        "reading the stream",
-                        &self.transport_name,
-                        e,
-                    ))
-                }
-            }
-        }
-    }
-
-    /// Acts on one decoded record; returns the time END arrived, if this was END.
-    fn on_event(&mut self, event: StreamEvent<'_>) -> Result<Option<Instant>, Failure> {
-        match event {
-            StreamEvent::Header(h) => {
-                self.producer = h.producer.clone();
+    /// Acts on one record; returns the time END arrived, if this was END.
+    fn on_record(&mut self, record: Record) -> Result<Option<Instant>, Failure> {
+        match record {
+            Record::Header(h) => {
+                self.producer = h.producer;
                 if usize::from(h.device_count) != self.devices.len() {
                     return Err(Failure::DeviceCount {
                         stream: h.device_count,
@@ -312,21 +214,15 @@ impl<'a> DestinationEngine<'a> {
                     });
                 }
             }
-            StreamEvent::Device { index, info } => {
+            Record::Device { index, info } => {
                 let last = usize::from(index) + 1 == self.devices.len();
                 self.describe(index, info)?;
                 if last {
                     self.accept()?;
                 }
             }
-            StreamEvent::Data(chunk) => {
-                let mut buf = self.take_buffer()?;
-                buf.clear();
-                buf.extend_from_slice(chunk.payload);
-                let len = buf.len();
-                self.deliver(usize::from(chunk.device), buf, len)?;
-            }
-            StreamEvent::DeviceEnd { device, totals } => {
+            Record::Data { device, payload } => self.deliver(usize::from(device), payload)?,
+            Record::DeviceEnd { device, totals } => {
                 let d = &mut self.devs[usize::from(device)];
                 d.totals = totals;
                 if let Some(w) = d.writer.as_mut() {
@@ -335,8 +231,8 @@ impl<'a> DestinationEngine<'a> {
                     w.tx = None;
                 }
             }
-            StreamEvent::End(_) => return Ok(Some(Instant::now())),
-            StreamEvent::Abort { reason } => return Err(Failure::SourceAborted { reason }),
+            Record::End => return Ok(Some(Instant::now())),
+            Record::Abort { reason } => return Err(Failure::SourceAborted { reason }),
         }
         Ok(None)
     }
@@ -361,13 +257,6 @@ impl<'a> DestinationEngine<'a> {
             if let Some(i) = dead {
                 return Err(self.writer_failure(i));
             }
-        }
-    }
-
-    fn return_buffer(&self, buf: Vec<u8>) {
-        if let Some((home, _)) = &self.pool {
-            // The pool has room for every buffer there is.
-            let _ = home.try_send(buf);
         }
     }
 
@@ -469,7 +358,8 @@ impl<'a> DestinationEngine<'a> {
         let buffers = self.devs.len() * self.opts.buffers_per_device;
         let (home, pool) = mpsc::sync_channel(buffers);
         for _ in 0..buffers {
-            // Grown to the chunk size on first use.
+            // Grown to the chunk size on first use (never, when payloads arrive in the
+            // source's buffers over an in-process link).
             let _ = home.send(Vec::new());
         }
         for i in 0..self.devs.len() {
@@ -483,10 +373,10 @@ impl<'a> DestinationEngine<'a> {
                 });
             };
             let (tx, rx) = mpsc::sync_channel(self.opts.buffers_per_device);
-            let (index, name, home) = (d.index, d.named.name.clone(), home.clone());
+            let (index, name) = (d.index, d.named.name.clone());
             let join = thread::Builder::new()
                 .name(format!("mig-dst-write{index}"))
-                .spawn(move || device_writer(index, name, stream, rx, home))
+                .spawn(move || device_writer(index, name, stream, rx))
                 .expect("spawning a thread");
             self.devs[i].writer = Some(DevWriter { tx: Some(tx), join });
         }
@@ -500,8 +390,7 @@ impl<'a> DestinationEngine<'a> {
         let Some(w) = self.acks.as_mut() else {
             return Ok(());
         };
-        w.write_all(&ack.encode())
-            .and_then(|_| w.flush())
+        w.send(ack)
             .map_err(|e| Failure::transport("answering the source", &self.transport_name, e))?;
         self.em.emit(Event::Acknowledgement {
             side: Side::Destination,
@@ -510,10 +399,10 @@ impl<'a> DestinationEngine<'a> {
         Ok(())
     }
 
-    /// Hands a chunk (`buf[..len]`) to its device's writer.
-    fn deliver(&mut self, i: usize, buf: Vec<u8>, len: usize) -> Result<(), Failure> {
+    /// Hands a chunk to its device's writer.
+    fn deliver(&mut self, i: usize, payload: Payload) -> Result<(), Failure> {
         let sent = match self.devs[i].writer.as_ref().and_then(|w| w.tx.as_ref()) {
-            Some(tx) => tx.send((buf, len)).is_ok(),
+            Some(tx) => tx.send(payload).is_ok(),
             None => false,
         };
         if sent {
@@ -640,11 +529,7 @@ impl<'a> DestinationEngine<'a> {
 
     /// Resets every touched device, tells the source, and drains the stream so the source
     /// reads the answer.
-    fn fail(
-        &mut self,
-        failure: Failure,
-        reader: Option<&mut Box<dyn Read + Send>>,
-    ) -> MigrationError {
+    fn fail(&mut self, failure: Failure, source: Option<&mut dyn FrameSource>) -> MigrationError {
         tracing::debug!("destination failed in {}: {}", self.stage, chain(&failure));
         // Closing the channels ends the writers; a reset below ends their sessions too.
         for d in &mut self.devs {
@@ -698,12 +583,14 @@ impl<'a> DestinationEngine<'a> {
         };
         let peer_notified = self.acks.is_some() && self.send_ack(&ack).is_ok();
         if peer_notified {
-            if let Some(reader) = reader {
+            if let Some(source) = source {
                 if !matches!(
                     failure,
                     Failure::Transport { .. } | Failure::SourceAborted { .. }
                 ) {
-                    self.drain(reader);
+                    // Until the source closes the stream (it does as soon as it reads our
+                    // answer) or the drain timeout passes.
+                    source.drain(&self.control, Instant::now() + self.opts.drain_timeout);
                 }
             }
         }
@@ -731,29 +618,6 @@ impl<'a> DestinationEngine<'a> {
             peer_recovery: None,
         }
     }
-
-    /// Reads and discards the stream until the source closes it (it does as soon as it
-    /// reads our answer) or the drain timeout passes.
-    fn drain(&mut self, reader: &mut Box<dyn Read + Send>) {
-        let deadline = Instant::now() + self.opts.drain_timeout;
-        self.control
-            .set_read_timeout(Some(Duration::from_millis(100)));
-        let mut scratch = vec![0u8; 64 * 1024];
-        while Instant::now() < deadline {
-            match reader.read(&mut scratch) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return,
-            }
-        }
-    }
 }
 
 /// One device's writer: takes chunks in stream order and writes them into the device's
@@ -762,20 +626,30 @@ fn device_writer(
     index: u16,
     name: String,
     mut stream: DataStream,
-    rx: Receiver<(Vec<u8>, usize)>,
-    home: SyncSender<Vec<u8>>,
+    rx: Receiver<Payload>,
 ) -> Result<(u64, DataStream), Failure> {
     let mut bytes = 0u64;
-    for (buf, len) in rx {
-        write_all(&mut *stream, &buf[..len]).map_err(|cause| Failure::Device {
+    for payload in rx {
+        write_all(&mut *stream, payload.bytes()).map_err(|cause| Failure::Device {
             index,
             name: name.clone(),
             op: DeviceOp::Write,
             cause,
         })?;
-        bytes += len as u64;
-        // The engine may have stopped taking buffers back (it is failing): then drop it.
-        let _ = home.send(buf);
+        bytes += payload.len() as u64;
+        // Dropping the payload returns its buffer to its pool: ours, or the source's.
     }
     Ok((bytes, stream))
+}
+
+impl Buffers for DestinationEngine<'_> {
+    fn ready(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    fn take(&mut self) -> Result<Payload, Failure> {
+        let buf = self.take_buffer()?;
+        let home = self.pool.as_ref().map(|(home, _)| home.clone());
+        Ok(Payload::new(buf, 0, 0, home))
+    }
 }

@@ -5,7 +5,8 @@
 //! * [`migrate_out`] (source) and [`migrate_in`] (destination) run the two ends over a
 //!   [`Transport`]: a file (no back channel: [`save`]/[`load`]), a UNIX socket or TCP
 //!   (bidirectional: the destination acknowledges, see [`ack`]).
-//! * [`migrate_local`] runs both ends in one process over a socket pair.
+//! * [`migrate_local`] runs both ends in one process, connected by an in-process link that
+//!   hands records and payload buffers over by ownership (no copy, no checksum).
 //!
 //! The source: discovery (features in one query per device, the P2P rule for several
 //! devices), the stream header and DEVICE records, the destination's compatibility verdict
@@ -30,6 +31,8 @@ mod address;
 mod destination;
 mod error;
 mod event;
+mod frames;
+mod link;
 mod local;
 mod policy;
 mod source;

@@ -1,18 +1,23 @@
 //! Both ends in one process, and the file-based cold migration.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread;
 
-use crate::destination::{migrate_in, DestinationOptions};
+use crate::destination::{migrate_in, run_destination, DestinationOptions};
 use crate::error::{Failure, MigrationError, Recovery, RecoveryAction, RecoveryOutcome};
 use crate::event::{DestinationSummary, LocalSummary, Side, SourceSummary, Stage};
-use crate::source::{migrate_out, NamedDevice, SourceOptions};
+use crate::link;
+use crate::source::{migrate_out, run_source, NamedDevice, SourceOptions};
 use crate::transport::Transport;
 
 /// Migrates `source` devices into `destination` devices (paired by order) with both engines
-/// in this process, connected by a UNIX socket pair: exactly the code of a networked
-/// migration, with the downtime measured on one clock.
+/// in this process, with the downtime measured on one clock.
+///
+/// The engines are those of a networked migration, connected by an in-process link
+/// instead of a socket: the source's records and the buffers its device readers filled
+/// are handed to the destination by ownership, so no byte is encoded, copied, checksummed
+/// or passed through the kernel between them. Memory stays bounded by the source's buffer
+/// pools (devices x buffers per device x chunk size).
 ///
 /// On failure the error is the source engine's (it carries the destination's reason when the
 /// destination refused or failed), with the destination's recovery in
@@ -23,17 +28,13 @@ pub fn migrate_local(
     source_opts: &SourceOptions,
     destination_opts: &DestinationOptions,
 ) -> Result<LocalSummary, MigrationError> {
-    let pair = UnixStream::pair().and_then(|(a, b)| Ok((Transport::unix(a)?, Transport::unix(b)?)));
-    let (src_end, dst_end) = match pair {
-        Ok(p) => p,
-        Err(e) => {
-            return Err(untouched(
-                Side::Source,
-                source,
-                Failure::transport("creating a socket pair", "unix socket pair", e),
-            ))
-        }
-    };
+    // Every record in flight fits: the header and DEVICE records, the chunks of every
+    // buffer of every device, their DEVICE_END records, and END or ABORT.
+    let capacity = source
+        .len()
+        .saturating_mul(source_opts.buffers_per_device.saturating_add(2))
+        .saturating_add(2);
+    let (src_end, dst_end) = link::pair(capacity, destination_opts.max_chunk);
     let opts = SourceOptions {
         shared_clock: true,
         ..source_opts.clone()
@@ -41,9 +42,11 @@ pub fn migrate_local(
     thread::scope(|s| {
         let dst = thread::Builder::new()
             .name("mig-destination".into())
-            .spawn_scoped(s, || migrate_in(destination, dst_end, destination_opts))
+            .spawn_scoped(s, || {
+                run_destination(destination, dst_end, destination_opts)
+            })
             .expect("spawning a thread");
-        let src = migrate_out(source, src_end, &opts);
+        let src = run_source(source, src_end, &opts);
         let dst = dst.join().unwrap_or_else(|_| {
             Err(MigrationError {
                 side: Side::Destination,

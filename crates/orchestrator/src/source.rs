@@ -8,7 +8,7 @@
 //! Every thread reports to the coordinator over one channel.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -21,7 +21,7 @@ use vfio_mig_device::{
     ReadOutcome,
 };
 use vfio_mig_stream::{
-    payload_crc, DeviceInfo, DeviceTotals, Encoder, Phase, StreamConfig, DEFAULT_DECODER_MAX_CHUNK,
+    payload_crc, DeviceInfo, DeviceTotals, Phase, StreamConfig, DEFAULT_DECODER_MAX_CHUNK,
     DEFAULT_MAX_CHUNK, FRAME_LEN, MAX_DEVICES, MAX_NAME_LEN,
 };
 
@@ -34,9 +34,10 @@ use crate::event::{
     unix_us, DeviceReport, Downtime, DowntimeClock, Emitter, Event, EventSink, ProgressMeter, Side,
     SourceSummary, Stage,
 };
+use crate::frames::{AckSource, FrameSink, Payload, SinkError};
 use crate::policy::{ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason};
 use crate::tracked::Tracked;
-use crate::transport::{Control, Transport};
+use crate::transport::{Control, SourceEnd, Transport};
 
 /// A device taking part in a migration, with the name used in messages and the stream
 /// (e.g. its address).
@@ -186,7 +187,16 @@ pub fn migrate_out(
     transport: Transport,
     opts: &SourceOptions,
 ) -> Result<SourceSummary, MigrationError> {
-    let mut engine = SourceEngine::new(devices, transport, opts);
+    run_source(devices, transport.into_source_end(), opts)
+}
+
+/// [`migrate_out`] over any end: a byte transport's or an in-process link's.
+pub(crate) fn run_source(
+    devices: &[NamedDevice],
+    end: SourceEnd,
+    opts: &SourceOptions,
+) -> Result<SourceSummary, MigrationError> {
+    let mut engine = SourceEngine::new(devices, end, opts);
     match engine.run() {
         Ok(summary) => Ok(summary),
         Err(failure) => Err(engine.fail(failure)),
@@ -202,15 +212,15 @@ const END_FAILED: u8 = 3;
 
 /// Messages to the writer thread.
 enum WriterMsg {
-    /// A chunk read from a device: `buf[FRAME_LEN..FRAME_LEN + len]` is the payload; the
-    /// buffer goes back to its pool through `home`.
+    /// A chunk read from a device, with room for its frame before it; the buffer goes
+    /// back to the reader's pool once the chunk is written (or, over an in-process link,
+    /// once the destination has written it to its device). `crc` is 0 unless the sink
+    /// wants checksums.
     Chunk {
         device: u16,
         phase: Phase,
-        buf: Vec<u8>,
-        len: usize,
+        payload: Payload,
         crc: u32,
-        home: SyncSender<Vec<u8>>,
     },
     /// The device's data is complete: write its DEVICE_END.
     DeviceEnd { device: u16 },
@@ -250,8 +260,7 @@ enum Report {
 enum WriterSlot {
     /// Header not yet sent, or sent while waiting for the destination.
     Idle {
-        out: Box<dyn Write + Send>,
-        encoder: Box<Encoder>,
+        sink: Box<dyn FrameSink>,
     },
     Running {
         tx: SyncSender<WriterMsg>,
@@ -291,12 +300,17 @@ struct SourceEngine<'a> {
     stage: Stage,
     transport_name: String,
     control: Control,
-    ack_reader: Option<Box<dyn io::Read + Send>>,
+    ack_reader: Option<Box<dyn AckSource>>,
     ack_thread: Option<JoinHandle<()>>,
     back_channel: bool,
     back_closed: bool,
     writer: WriterSlot,
-    pending_out: Option<Box<dyn Write + Send>>,
+    /// The sink until the header went out (then the writer has it).
+    pending_sink: Option<Box<dyn FrameSink>>,
+    /// Whether the sink wants payload checksums.
+    checksums: bool,
+    /// Whether the sink keeps payload buffers until the destination wrote them.
+    lends_buffers: bool,
     reports_tx: Sender<Report>,
     reports: Receiver<Report>,
     cancel: Arc<AtomicBool>,
@@ -314,15 +328,14 @@ struct SourceEngine<'a> {
 }
 
 impl<'a> SourceEngine<'a> {
-    fn new(devices: &'a [NamedDevice], transport: Transport, opts: &'a SourceOptions) -> Self {
+    fn new(devices: &'a [NamedDevice], end: SourceEnd, opts: &'a SourceOptions) -> Self {
         let (reports_tx, reports) = mpsc::channel();
-        let transport_name = transport.description().to_owned();
-        let Transport {
-            reader,
-            writer,
+        let SourceEnd {
+            sink,
+            acks,
             control,
-            ..
-        } = transport;
+            description: transport_name,
+        } = end;
         SourceEngine {
             devices,
             devs: Vec::new(),
@@ -331,12 +344,14 @@ impl<'a> SourceEngine<'a> {
             stage: Stage::Discovery,
             transport_name,
             control,
-            back_channel: reader.is_some(),
-            ack_reader: reader,
+            back_channel: acks.is_some(),
+            ack_reader: acks,
             ack_thread: None,
             back_closed: false,
             writer: WriterSlot::Gone,
-            pending_out: writer,
+            checksums: sink.as_ref().is_none_or(|s| s.checksums()),
+            lends_buffers: sink.as_ref().is_some_and(|s| s.lends_buffers()),
+            pending_sink: sink,
             reports_tx,
             reports,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -445,7 +460,7 @@ impl<'a> SourceEngine<'a> {
                 "buffers per device must be at least 1".into(),
             ));
         }
-        if self.pending_out.is_none() {
+        if self.pending_sink.is_none() {
             return Err(Failure::Options(format!(
                 "the source needs a writable transport; {} is not",
                 self.transport_name
@@ -560,25 +575,26 @@ impl<'a> SourceEngine<'a> {
             max_chunk: self.opts.chunk_size,
             created_unix_ms: unix_us() / 1000,
         };
-        let mut bytes = Vec::new();
-        let encoder = Encoder::new(&config, &infos, &mut bytes).map_err(Failure::Encode)?;
-        let Some(mut out) = self.pending_out.take() else {
+        let Some(mut sink) = self.pending_sink.take() else {
             unreachable!("check_options requires a writer")
         };
         self.control.set_write_timeout(self.opts.io_timeout);
-        let written = out.write_all(&bytes).and_then(|_| out.flush());
-        self.writer = WriterSlot::Idle {
-            out,
-            encoder: Box::new(encoder),
-        };
-        written.map_err(|e| self.transport_failure("writing the stream header", e))?;
-        self.stream_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn transport_failure(&self, what: &str, e: io::Error) -> Failure {
-        Failure::transport(what, &self.transport_name, e)
+        match sink.start(&config, &infos) {
+            Ok(n) => {
+                self.writer = WriterSlot::Idle { sink };
+                self.stream_bytes.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            // Nothing went out: no stream to abort.
+            Err(e @ (SinkError::Encode(_) | SinkError::NotStarted)) => {
+                self.pending_sink = Some(sink);
+                Err(e.failure("writing the stream header", &self.transport_name))
+            }
+            Err(e) => {
+                self.writer = WriterSlot::Idle { sink };
+                Err(e.failure("writing the stream header", &self.transport_name))
+            }
+        }
     }
 
     /// With a back channel: waits for the destination's `ready` (compatible, devices in
@@ -609,8 +625,7 @@ impl<'a> SourceEngine<'a> {
     }
 
     fn start_writer(&mut self) {
-        let WriterSlot::Idle { out, encoder } =
-            std::mem::replace(&mut self.writer, WriterSlot::Gone)
+        let WriterSlot::Idle { sink } = std::mem::replace(&mut self.writer, WriterSlot::Gone)
         else {
             return;
         };
@@ -620,8 +635,7 @@ impl<'a> SourceEngine<'a> {
         let (tx, rx) = mpsc::sync_channel(n * self.opts.buffers_per_device + n + 2);
         let abort = Arc::new(Mutex::new(None));
         let ctx = WriterCtx {
-            out,
-            encoder,
+            sink,
             rx,
             abort: Arc::clone(&abort),
             reports: self.reports_tx.clone(),
@@ -659,6 +673,16 @@ impl<'a> SourceEngine<'a> {
             index: d.index,
             name: d.named.name.clone(),
             chunk,
+            checksums: self.checksums,
+            // Over a link that lends the buffers to the destination, a destination that
+            // stops taking data shows as buffers not coming back: fail after the time a
+            // blocked socket write would have taken to fail.
+            stall_timeout: if self.lends_buffers {
+                self.opts.io_timeout
+            } else {
+                None
+            },
+            transport: self.transport_name.clone(),
             tx,
             home,
             pool,
@@ -1227,11 +1251,7 @@ impl<'a> SourceEngine<'a> {
     /// was written.
     fn abort_stream(&mut self, reason: &str) -> bool {
         match &mut self.writer {
-            WriterSlot::Idle { out, encoder } => {
-                let mut bytes = Vec::new();
-                encoder.abort(reason, &mut bytes).is_ok()
-                    && out.write_all(&bytes).and_then(|_| out.flush()).is_ok()
-            }
+            WriterSlot::Idle { sink } => sink.abort(reason),
             // After END nothing may follow; a finished writer cannot write anyway.
             WriterSlot::Running { join, .. }
                 if self.end_state.load(Ordering::SeqCst) != END_NOT_SENT || join.is_finished() =>
@@ -1278,7 +1298,7 @@ impl<'a> SourceEngine<'a> {
                 }
                 let _ = join.join();
             }
-            WriterSlot::Idle { out, .. } => drop(out),
+            WriterSlot::Idle { sink } => drop(sink),
             WriterSlot::Gone => {}
         }
         // The destination reads our ABORT, then sees the end of the stream.
@@ -1331,9 +1351,9 @@ fn ack_name(ack: &Ack) -> &'static str {
     }
 }
 
-fn ack_thread(mut reader: Box<dyn io::Read + Send>, tx: Sender<Report>) {
+fn ack_thread(mut acks: Box<dyn AckSource>, tx: Sender<Report>) {
     loop {
-        match Ack::read_from(&mut *reader) {
+        match acks.next() {
             Ok(Some(ack)) => {
                 if tx.send(Report::Ack(ack)).is_err() {
                     return;
@@ -1352,8 +1372,7 @@ fn ack_thread(mut reader: Box<dyn io::Read + Send>, tx: Sender<Report>) {
 }
 
 struct WriterCtx {
-    out: Box<dyn Write + Send>,
-    encoder: Box<Encoder>,
+    sink: Box<dyn FrameSink>,
     rx: Receiver<WriterMsg>,
     abort: Arc<Mutex<Option<String>>>,
     reports: Sender<Report>,
@@ -1376,14 +1395,11 @@ fn writer_thread(mut w: WriterCtx) {
 
 fn writer_loop(w: &mut WriterCtx) -> Result<(), Failure> {
     let mut meter = ProgressMeter::new();
-    let mut small = Vec::with_capacity(64);
     let mut stage = Stage::Precopy;
     loop {
         let abort = w.abort.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(reason) = abort {
-            small.clear();
-            let ok = w.encoder.abort(&reason, &mut small).is_ok()
-                && w.out.write_all(&small).and_then(|_| w.out.flush()).is_ok();
+            let ok = w.sink.abort(&reason);
             let _ = w.reports.send(Report::AbortWritten(ok));
             return Ok(());
         }
@@ -1392,58 +1408,47 @@ fn writer_loop(w: &mut WriterCtx) -> Result<(), Failure> {
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         };
-        let io_err = |e| Failure::transport("writing the stream", &w.transport, e);
+        let failure = |e: SinkError| e.failure("writing the stream", &w.transport);
         match msg {
             WriterMsg::Chunk {
                 device,
                 phase,
-                mut buf,
-                len,
+                payload,
                 crc,
-                home,
             } => {
-                let frame = w
-                    .encoder
-                    .chunk_frame_with_crc(device, phase, len, crc)
-                    .map_err(Failure::Encode)?;
-                buf[..FRAME_LEN].copy_from_slice(&frame);
-                w.out.write_all(&buf[..FRAME_LEN + len]).map_err(io_err)?;
-                let total = w
-                    .bytes
-                    .fetch_add((FRAME_LEN + len) as u64, Ordering::Relaxed)
-                    + (FRAME_LEN + len) as u64;
+                let n = w.sink.data(device, phase, payload, crc).map_err(failure)?;
+                let total = w.bytes.fetch_add(n, Ordering::Relaxed) + n;
                 stage = match phase {
                     Phase::PreCopy => Stage::Precopy,
                     Phase::StopCopy => Stage::StopCopy,
                 };
                 meter.update(&w.em, stage, total, false);
-                // The pool outlives the buffer unless its reader is gone; then drop it.
-                let _ = home.send(buf);
             }
             WriterMsg::DeviceEnd { device } => {
-                small.clear();
-                let totals = w
-                    .encoder
-                    .end_device(device, &mut small)
-                    .map_err(Failure::Encode)?;
-                w.out.write_all(&small).map_err(io_err)?;
-                w.bytes.fetch_add(small.len() as u64, Ordering::Relaxed);
+                let (totals, n) = w.sink.end_device(device).map_err(failure)?;
+                w.bytes.fetch_add(n, Ordering::Relaxed);
                 let _ = w.reports.send(Report::DeviceEnded { device, totals });
             }
             WriterMsg::End => {
-                small.clear();
-                w.encoder.end(&mut small).map_err(Failure::Encode)?;
                 w.end_state.store(END_WRITING, Ordering::SeqCst);
-                if let Err(e) = w.out.write_all(&small) {
-                    // Not all of END reached the transport: the destination cannot
-                    // complete.
-                    w.end_state.store(END_FAILED, Ordering::SeqCst);
-                    return Err(io_err(e));
-                }
+                let n = match w.sink.end() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // An I/O error may have let part of END through, never all of it:
+                        // the destination cannot complete either way.
+                        let state = match e {
+                            SinkError::Io(_) => END_FAILED,
+                            _ => END_NOT_SENT,
+                        };
+                        w.end_state.store(state, Ordering::SeqCst);
+                        return Err(failure(e));
+                    }
+                };
                 w.end_state.store(END_WRITTEN, Ordering::SeqCst);
-                w.out.flush().map_err(io_err)?;
-                let total =
-                    w.bytes.fetch_add(small.len() as u64, Ordering::Relaxed) + small.len() as u64;
+                w.sink
+                    .flush()
+                    .map_err(|e| Failure::transport("writing the stream", &w.transport, e))?;
+                let total = w.bytes.fetch_add(n, Ordering::Relaxed) + n;
                 meter.update(&w.em, stage, total, true);
                 let _ = w.reports.send(Report::WriterDone);
                 return Ok(());
@@ -1456,6 +1461,11 @@ struct ReaderCtx {
     index: u16,
     name: String,
     chunk: usize,
+    /// Compute each payload's CRC (for a byte stream; an in-process link needs none).
+    checksums: bool,
+    /// How long to wait for a free buffer before the destination counts as stalled.
+    stall_timeout: Option<Duration>,
+    transport: String,
     tx: SyncSender<WriterMsg>,
     home: SyncSender<Vec<u8>>,
     pool: Receiver<Vec<u8>>,
@@ -1494,6 +1504,7 @@ impl ReaderCtx {
         if let Some(b) = self.spare.take() {
             return Ok(b);
         }
+        let started = Instant::now();
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(Stop::Cancelled);
@@ -1502,6 +1513,17 @@ impl ReaderCtx {
                 Ok(b) => return Ok(b),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(Stop::Cancelled),
+            }
+            if let Some(limit) = self.stall_timeout.filter(|&l| started.elapsed() >= l) {
+                let cause = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the destination took no data for {} s", limit.as_secs_f64()),
+                );
+                return Err(Stop::Failed(Box::new(Failure::transport(
+                    "writing the stream",
+                    &self.transport,
+                    cause,
+                ))));
             }
         }
     }
@@ -1521,14 +1543,16 @@ impl ReaderCtx {
         };
         match outcome {
             ReadOutcome::Data(n) => {
-                let crc = payload_crc(&buf[FRAME_LEN..FRAME_LEN + n]);
+                let crc = if self.checksums {
+                    payload_crc(&buf[FRAME_LEN..FRAME_LEN + n])
+                } else {
+                    0
+                };
                 let msg = WriterMsg::Chunk {
                     device: self.index,
                     phase,
-                    buf,
-                    len: n,
+                    payload: Payload::new(buf, FRAME_LEN, n, Some(self.home.clone())),
                     crc,
-                    home: self.home.clone(),
                 };
                 self.tx.send(msg).map_err(|_| Stop::Cancelled)?;
             }

@@ -15,13 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vfio_mig_stream::DecoderLimits;
+
+use crate::frames::{
+    AckSink, AckSource, ByteAckSink, ByteAckSource, ByteSink, ByteSource, FrameSink, FrameSource,
+};
 use crate::Address;
 
 /// Reads ahead this much on the receiving end, so that 20-byte frames cost no syscall each.
 const READ_BUFFER: usize = 256 * 1024;
 
-/// Socket-level control of a connection, shared by both halves of a [`Transport`].
-trait SocketControl: Send + Sync {
+/// Socket-level control of a connection, shared by both halves of a [`Transport`] (or of
+/// an in-process link end).
+pub(crate) trait SocketControl: Send + Sync {
     fn shutdown(&self, how: Shutdown);
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
@@ -68,6 +74,10 @@ impl fmt::Debug for Control {
 }
 
 impl Control {
+    pub(crate) fn new(control: Arc<dyn SocketControl>) -> Control {
+        Control(Some(control))
+    }
+
     pub(crate) fn shutdown(&self, how: Shutdown) {
         if let Some(c) = &self.0 {
             c.shutdown(how);
@@ -225,6 +235,57 @@ impl Transport {
     /// What the transport is, for messages (e.g. `tcp:10.0.0.2:4444`, `file:/tmp/x`).
     pub fn description(&self) -> &str {
         &self.description
+    }
+}
+
+/// What the source engine works with: where its records go, where acknowledgements come
+/// from (if anywhere), and the handle that shuts the connection down.
+pub(crate) struct SourceEnd {
+    pub(crate) sink: Option<Box<dyn FrameSink>>,
+    pub(crate) acks: Option<Box<dyn AckSource>>,
+    pub(crate) control: Control,
+    pub(crate) description: String,
+}
+
+/// What the destination engine works with: where its records come from, where its
+/// acknowledgements go (if anywhere), and the handle that shuts the connection down.
+pub(crate) struct DestinationEnd {
+    pub(crate) source: Option<Box<dyn FrameSource>>,
+    pub(crate) acks: Option<Box<dyn AckSink>>,
+    pub(crate) control: Control,
+    pub(crate) description: String,
+}
+
+impl Transport {
+    /// The source's view: the stream encoded onto the writer, acknowledgements read from
+    /// the reader.
+    pub(crate) fn into_source_end(self) -> SourceEnd {
+        SourceEnd {
+            sink: self
+                .writer
+                .map(|w| Box::new(ByteSink::new(w)) as Box<dyn FrameSink>),
+            acks: self
+                .reader
+                .map(|r| Box::new(ByteAckSource(r)) as Box<dyn AckSource>),
+            control: self.control,
+            description: self.description,
+        }
+    }
+
+    /// The destination's view: the stream decoded from the reader within `limits`,
+    /// acknowledgements written to the writer.
+    pub(crate) fn into_destination_end(self, limits: DecoderLimits) -> DestinationEnd {
+        let description = self.description;
+        DestinationEnd {
+            source: self.reader.map(|r| {
+                Box::new(ByteSource::new(r, limits, description.clone())) as Box<dyn FrameSource>
+            }),
+            acks: self
+                .writer
+                .map(|w| Box::new(ByteAckSink(w)) as Box<dyn AckSink>),
+            control: self.control,
+            description,
+        }
     }
 }
 
