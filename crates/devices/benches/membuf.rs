@@ -5,10 +5,11 @@
 //! * `memcpy` copies 256 MiB into another 256 MiB buffer (what a resume must at least do);
 //! * `memcpy_via_1MiB` copies 256 MiB through one 1 MiB buffer (what a save into a reader's
 //!   1 MiB buffer must at least do);
-//! * `digest` hashes the state (the digest register, the trailer and the resume check);
+//! * `digest` hashes the state (the digest register);
 //! * `save` reads the whole STOP_COPY stream through a 1 MiB buffer (stream framing + copy +
-//!   trailer digest);
-//! * `resume` writes that stream back in 1 MiB pieces and leaves RESUMING (copy + digest check).
+//!   a page hash of every page for the trailer);
+//! * `resume` writes that stream back in 1 MiB pieces and leaves RESUMING (copy + a page hash
+//!   of every page + the trailer check).
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -2,9 +2,9 @@
 
 use vfio_mig_device::DeviceError;
 use vfio_mig_uapi::Errno;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::xxh3_64;
 
-use super::format::{Size, PAGE_SIZE};
+use super::format::{page_hash, Size, PAGE_SIZE};
 
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -74,27 +74,59 @@ pub fn digest(state: &[u8]) -> u64 {
     xxh3_64(state)
 }
 
-/// [`digest`] computed piece by piece: equal to it over the concatenated pieces.
-pub(crate) struct RunningDigest(Box<Xxh3>);
+/// The terms of [`state_hash`](super::format::state_hash) page by page, and their wrapping sum, kept up to date as pages
+/// are (re)hashed: replacing a page's term costs one page hash, so the sum for the whole state
+/// is there at any moment without a pass over it. Pages never hashed contribute 0.
+pub(crate) struct PageHashes {
+    terms: Vec<u64>,
+    sum: u64,
+}
 
-impl RunningDigest {
-    pub(crate) fn new() -> Self {
-        RunningDigest(Box::new(Xxh3::new()))
+impl PageHashes {
+    /// Room for `pages` terms (8 bytes per 4 KiB page); `ENOMEM` when it cannot be had.
+    pub(crate) fn new(pages: u64) -> Result<Self, DeviceError> {
+        let no_memory = || {
+            DeviceError::new(
+                Errno::ENOMEM,
+                format!("cannot allocate page hashes for {pages} pages"),
+            )
+        };
+        let len = usize::try_from(pages).map_err(|_| no_memory())?;
+        let mut terms = Vec::new();
+        terms
+            .try_reserve_exact(len)
+            .map_err(|e| no_memory().with_source(e))?;
+        terms.resize(len, 0);
+        Ok(PageHashes { terms, sum: 0 })
     }
 
-    pub(crate) fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+    /// Hashes `bytes` (the whole of page `page`) and makes it that page's term.
+    pub(crate) fn update(&mut self, page: u64, bytes: &[u8]) {
+        let term = page_hash(page, bytes);
+        let old = std::mem::replace(&mut self.terms[page as usize], term);
+        self.sum = self.sum.wrapping_sub(old).wrapping_add(term);
     }
 
-    pub(crate) fn digest(&self) -> u64 {
-        self.0.digest()
+    /// The sum of the current terms: [`state_hash`](super::format::state_hash) of the state once every page's term is
+    /// that of its current contents.
+    pub(crate) fn sum(&self) -> u64 {
+        self.sum
     }
 }
 
-impl std::fmt::Debug for RunningDigest {
+impl std::fmt::Debug for PageHashes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RunningDigest")
+        f.debug_struct("PageHashes")
+            .field("pages", &self.terms.len())
+            .field("sum", &format_args!("{:#018x}", self.sum))
+            .finish()
     }
+}
+
+/// The bytes of page `page` of `state`.
+pub(crate) fn page_of(state: &[u8], page: u64) -> &[u8] {
+    let at = (page * PAGE_SIZE) as usize;
+    &state[at..at + PAGE_SIZE as usize]
 }
 
 /// One bit per page, with a count of set bits.
@@ -218,6 +250,7 @@ pub(crate) fn pages_of(size: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::format::state_hash;
     use super::*;
 
     #[test]
@@ -233,12 +266,33 @@ mod tests {
         let mut rng = SplitMix::new(1);
         assert_eq!(a[..8], rng.next_u64().to_le_bytes());
         assert_eq!(digest(&a), digest(&b));
-        let mut running = RunningDigest::new();
-        for piece in a.chunks(1000) {
-            running.update(piece);
-        }
-        assert_eq!(running.digest(), digest(&a));
         assert_ne!(digest(&a), digest(&c));
+    }
+
+    #[test]
+    fn page_hashes_track_the_state_hash_as_pages_change() {
+        let mut state = generate(8 * PAGE_SIZE, 4).unwrap();
+        let mut hashes = PageHashes::new(8).unwrap();
+        // In any order, each page once: the sum is the state hash.
+        for page in [5, 0, 7, 1, 6, 2, 4, 3] {
+            hashes.update(page, page_of(&state, page));
+        }
+        assert_eq!(hashes.sum(), state_hash(&state));
+        // A page changed and hashed again replaces its own term, however often.
+        for round in 0..3u8 {
+            state[3 * PAGE_SIZE as usize + 17] = round;
+            hashes.update(3, page_of(&state, 3));
+            hashes.update(3, page_of(&state, 3));
+            assert_eq!(hashes.sum(), state_hash(&state), "round {round}");
+        }
+        // A changed page not hashed again leaves the sum behind.
+        state[0] ^= 1;
+        assert_ne!(hashes.sum(), state_hash(&state));
+        // The index is part of the term: the same bytes at another page hash differently.
+        assert_ne!(
+            page_hash(0, page_of(&state, 1)),
+            page_hash(1, page_of(&state, 1))
+        );
     }
 
     #[test]

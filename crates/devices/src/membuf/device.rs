@@ -20,8 +20,10 @@ use super::MembufConfig;
 
 /// The `kind` of a membuf's [`DeviceIdentity`].
 pub const KIND: &str = "membuf";
-/// The `version` of a membuf's [`DeviceIdentity`] (the stream format version).
-pub const VERSION: &str = "1";
+/// The `version` of a membuf's [`DeviceIdentity`]: the stream format version
+/// ([`super::format::STREAM_VERSION`]), so that a destination reading another format is refused
+/// before any state is sent.
+pub const VERSION: &str = "2";
 
 /// The membuf device as a [`Migratable`]: wrap it in a [`vfio_mig_device::Controller`] (as
 /// [`super::create`] does) to get a `MigrationDevice`.
@@ -169,13 +171,15 @@ impl Migratable for MembufDevice {
     }
 
     fn save_begin(&mut self, kind: SaveKind) -> Result<(), DeviceError> {
-        let mut core = self.shared.lock();
-        core.dirty.clear_all();
-        core.save = Some(SaveSession::new(
+        // Allocated before taking the lock: the worker need not wait for it.
+        let session = SaveSession::new(
             self.shared.size,
             self.shared.seed,
             kind == SaveKind::StopCopy,
-        ));
+        )?;
+        let mut core = self.shared.lock();
+        core.dirty.clear_all();
+        core.save = Some(session);
         Ok(())
     }
 
@@ -204,12 +208,16 @@ impl Migratable for MembufDevice {
 
     fn save_end(&mut self) {
         let mut core = self.shared.lock();
-        core.save = None;
+        let session = core.save.take();
         core.dirty.clear_all();
+        drop(core);
+        // Freeing the page hashes is not worth holding the lock for.
+        drop(session);
     }
 
     fn resume_begin(&mut self) -> Result<(), DeviceError> {
-        self.shared.lock().resume = Some(ResumeSession::new(self.shared.size));
+        let session = ResumeSession::new(self.shared.size)?;
+        self.shared.lock().resume = Some(session);
         Ok(())
     }
 
@@ -223,8 +231,11 @@ impl Migratable for MembufDevice {
     fn resume_finish(&mut self) -> Result<(), DeviceError> {
         let mut core = self.shared.lock();
         let resume = core.resume.as_ref().ok_or_else(|| no_session("resuming"))?;
-        resume.finish(&core.state).map_err(refused)?;
-        core.resume = None;
+        resume.finish().map_err(refused)?;
+        let session = core.resume.take();
+        drop(core);
+        // Freeing the page hashes is not worth holding the lock for.
+        drop(session);
         // The generation counts mutations of this device's own run, so it starts again.
         self.shared.generation.store(0, Ordering::Relaxed);
         Ok(())
@@ -256,5 +267,16 @@ impl Migratable for MembufDevice {
         core.running = true;
         drop(core);
         self.shared.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::STREAM_VERSION;
+    use super::*;
+
+    #[test]
+    fn the_identity_version_is_the_stream_version() {
+        assert_eq!(VERSION, STREAM_VERSION.to_string());
     }
 }

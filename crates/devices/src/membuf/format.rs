@@ -1,30 +1,42 @@
-//! The membuf migration stream, version 1.
+//! The membuf migration stream, version 2.
 //!
 //! All integers are little-endian. A stream is
 //!
 //! ```text
-//! header   48 bytes   magic "MBUFSTRM" | version u32 = 1 | page size u32 = 4096
+//! header   48 bytes   magic "MBUFSTRM" | version u32 = 2 | page size u32 = 4096
 //!                     | state size u64 | seed u64 | flags u32 = 0 | reserved u32 = 0
 //!                     | xxh3-64 of the 40 bytes before it
 //! record*  16 bytes   kind u32 = 1 (data) | length u32 | state offset u64
 //!          + length bytes of state
 //! trailer  16 bytes   kind u32 = 2 (end) | length u32 = 16 | offset u64 = 0
-//!          + 16 bytes digest of the final state u64 | total record data bytes u64
+//!          + 16 bytes page-hash sum of the final state u64 | total record data bytes u64
 //! ```
 //!
-//! Data records are page-aligned, at most [`RECORD_MAX`] bytes long, and may repeat a region
-//! (a page dirtied during pre-copy is sent again); the last copy wins. The destination needs
-//! every page at least once. The seed is informational: a destination takes bytes, it never
-//! regenerates contents from the seed.
+//! Data records are page-aligned, whole pages, at most [`RECORD_MAX`] bytes long, and may
+//! repeat a region (a page dirtied during pre-copy is sent again); the last copy wins. The
+//! destination needs every page at least once. The seed is informational: a destination takes
+//! bytes, it never regenerates contents from the seed.
+//!
+//! The trailer's integrity value is the [`state_hash`] of the final state: the wrapping sum
+//! over pages `p` of [`page_hash`]`(p, page p)` (xxh3-64 of the page's 4096 bytes seeded with
+//! `p`). Unlike a hash of the whole state it can be kept up to date page by page: the source
+//! hashes a page when it copies it into the stream, the destination when a record has written
+//! it, each replacing the page's earlier term. So neither side hashes the whole state while
+//! the device is stopped, yet a stale, corrupt, misplaced or missing page still changes the
+//! sum. (Version 1 carried an xxh3-64 of the whole state instead, which costs a full pass
+//! over the state on each side inside the downtime once pages were sent again.)
+//!
+//! The digest register (BAR0 0x10) is not this value: it is [`super::digest`], xxh3-64 over
+//! the whole state.
 
 use std::fmt;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// The 8 bytes that start every membuf stream.
 pub const STREAM_MAGIC: [u8; 8] = *b"MBUFSTRM";
 /// The stream format version this module writes and reads.
-pub const STREAM_VERSION: u32 = 1;
+pub const STREAM_VERSION: u32 = 2;
 /// Granularity of dirty tracking, records and state sizes.
 pub const PAGE_SIZE: u64 = 4096;
 /// Longest data record (1 MiB).
@@ -58,7 +70,7 @@ impl StreamHeader {
         b[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.size.to_le_bytes());
         b[24..32].copy_from_slice(&self.seed.to_le_bytes());
-        // 32..40: flags and reserved, zero in version 1.
+        // 32..40: flags and reserved, zero in this version.
         let check = xxh3_64(&b[..40]);
         b[40..48].copy_from_slice(&check.to_le_bytes());
         b
@@ -183,8 +195,8 @@ impl RecordHeader {
 /// The trailer's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Trailer {
-    /// [`super::digest`] of the final state.
-    pub digest: u64,
+    /// [`state_hash`] of the final state.
+    pub state_hash: u64,
     /// Sum of the lengths of all data records.
     pub data_bytes: u64,
 }
@@ -199,7 +211,7 @@ impl Trailer {
             offset: 0,
         };
         b[..RECORD_HEADER_LEN].copy_from_slice(&header.encode());
-        b[16..24].copy_from_slice(&self.digest.to_le_bytes());
+        b[16..24].copy_from_slice(&self.state_hash.to_le_bytes());
         b[24..32].copy_from_slice(&self.data_bytes.to_le_bytes());
         b
     }
@@ -207,10 +219,28 @@ impl Trailer {
     /// Parses the 16-byte payload.
     pub fn decode(b: &[u8; TRAILER_LEN - RECORD_HEADER_LEN]) -> Trailer {
         Trailer {
-            digest: u64_at(b, 0),
+            state_hash: u64_at(b, 0),
             data_bytes: u64_at(b, 8),
         }
     }
+}
+
+/// One page's term of [`state_hash`]: xxh3-64 of its bytes, seeded with its index, so that the
+/// same bytes at another page give another term.
+pub fn page_hash(page: u64, bytes: &[u8]) -> u64 {
+    xxh3_64_with_seed(bytes, page)
+}
+
+/// The trailer's integrity value of a state, computed from scratch: the wrapping sum of
+/// [`page_hash`] over its pages. The save and resume sessions keep it up to date page by page
+/// instead; this is the reference they must agree with.
+pub fn state_hash(state: &[u8]) -> u64 {
+    state
+        .chunks(PAGE_SIZE as usize)
+        .zip(0u64..)
+        .fold(0u64, |sum, (bytes, page)| {
+            sum.wrapping_add(page_hash(page, bytes))
+        })
 }
 
 /// The length of a complete STOP_COPY stream of a `size`-byte state sent without pre-copy.
@@ -266,7 +296,7 @@ pub enum StreamError {
         magic: [u8; 8],
     },
     /// A stream format version this device cannot read.
-    #[error("membuf stream version {found} is not supported (this device reads version 1)")]
+    #[error("membuf stream version {found} is not supported (this device reads version {STREAM_VERSION})")]
     Version {
         /// The version in the stream.
         found: u32,
@@ -356,11 +386,11 @@ pub enum StreamError {
         sent: u64,
     },
     /// The resumed state is not the state the source saved.
-    #[error("digest mismatch: the source's state has digest {stream:#018x}, the resumed state {resumed:#018x}")]
+    #[error("digest mismatch: the source's state has digest {stream:#018x}, the resumed state {resumed:#018x} (page-hash sums)")]
     DigestMismatch {
-        /// The digest in the trailer.
+        /// The [`state_hash`] in the trailer.
         stream: u64,
-        /// The digest of the resumed state.
+        /// The [`state_hash`] of the resumed state.
         resumed: u64,
     },
 }
@@ -407,7 +437,7 @@ mod tests {
             "membuf stream record 3 at stream offset 100: unknown record kind 0x9"
         );
         let t = Trailer {
-            digest: 1,
+            state_hash: 1,
             data_bytes: 2,
         };
         let enc = t.encode();

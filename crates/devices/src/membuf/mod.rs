@@ -20,9 +20,11 @@
 //! * **Migration**: the stream format is described in [`format`](mod@format). PRE_COPY first streams the
 //!   whole buffer (initial bytes, only falling), then pages dirtied since they were read (dirty
 //!   bytes); a read with neither returns "nothing now". STOP_COPY sends what is still unsent
-//!   or dirty, then a trailer with the digest of the final state. The destination writes
-//!   record data straight into its buffer and, when leaving RESUMING, refuses a stream that
-//!   is truncated, incomplete, corrupt or for another size, saying what was wrong.
+//!   or dirty, then a trailer with the page-hash sum of the final state, kept up to date page
+//!   by page as pages are copied, so that making it costs nothing once the device is stopped.
+//!   The destination writes record data straight into its buffer, hashing each page as it is
+//!   completed, and, when leaving RESUMING, refuses a stream that is truncated, incomplete,
+//!   corrupt or for another size, saying what was wrong (no pass over the state either).
 //! * **Reset** restores the power-on contents (generated again from the seed) and restarts the
 //!   generation at 0, so nothing of a failed resume survives it.
 //!

@@ -3,16 +3,23 @@
 //! The stream is an initial pass over the whole buffer in [`RECORD_MAX`] records, then (while
 //! the device runs in PRE_COPY, and once more after it stops) records for the pages dirtied
 //! after they were copied, then, only once the device is stopped and nothing is left, the
-//! trailer with the digest of the final state.
+//! trailer with the [`state_hash`](super::format::state_hash) of the final state.
 //!
 //! Dirty tracking is exact with respect to copying: the worker marks page `p` dirty when it
 //! rewrites it after the first byte of `p` was copied out (for the initial pass: when
 //! `p * PAGE_SIZE < initial_pos`), and the bit of a dirty page is cleared when its first byte
 //! is copied. Both happen under the state lock, so a page is never both stale and clean.
+//!
+//! The trailer's value is kept up to date the same way: when the first byte of a page is
+//! copied, the whole page is hashed (it is about to be read anyway, so this costs no extra
+//! pass over memory) and replaces that page's term. A page rewritten afterwards is dirty and
+//! is hashed again when it is sent again, so once the device is stopped and nothing is dirty,
+//! every term is that of the page's final contents and the trailer costs nothing to make:
+//! the work done while the device is stopped is proportional to the data sent then.
 
-use vfio_mig_device::PrecopyInfo;
+use vfio_mig_device::{DeviceError, PrecopyInfo};
 
-use super::content::{digest, PageBitmap, RunningDigest};
+use super::content::{page_of, PageBitmap, PageHashes};
 use super::format::{
     record_headers, RecordHeader, StreamHeader, Trailer, HEADER_LEN, PAGE_SIZE, RECORD_HEADER_LEN,
     RECORD_MAX, TRAILER_LEN,
@@ -58,14 +65,14 @@ pub(crate) struct SaveSession {
     stopped: bool,
     trailer_done: bool,
     data_bytes: u64,
-    /// The digest of the initial pass, computed while copying (the bytes are in cache then).
-    /// It is the final state's digest when nothing had to be sent again.
-    initial_hash: RunningDigest,
+    /// Every page whose copy has begun, hashed when it began (see the module comment).
+    hashes: PageHashes,
 }
 
 impl SaveSession {
-    pub(crate) fn new(size: u64, seed: u64, stopped: bool) -> Self {
-        SaveSession {
+    /// `ENOMEM` when the page hashes (8 bytes per page) cannot be allocated.
+    pub(crate) fn new(size: u64, seed: u64, stopped: bool) -> Result<Self, DeviceError> {
+        Ok(SaveSession {
             size,
             seed,
             small: [0; HEADER_LEN],
@@ -80,8 +87,8 @@ impl SaveSession {
             stopped,
             trailer_done: false,
             data_bytes: 0,
-            initial_hash: RunningDigest::new(),
-        }
+            hashes: PageHashes::new(size / PAGE_SIZE)?,
+        })
     }
 
     /// The device stopped (PRE_COPY -> STOP_COPY): the stream will end with a trailer.
@@ -110,24 +117,35 @@ impl SaveSession {
             }
             if let Some(run) = self.run.as_mut().filter(|r| r.pos < r.end) {
                 let k = (run.end - run.pos).min((out.len() - n) as u64);
-                let at = run.pos as usize;
-                out[n..n + k as usize].copy_from_slice(&state[at..at + k as usize]);
-                if run.initial {
-                    self.initial_hash.update(&out[n..n + k as usize]);
-                    self.initial_pos = run.pos + k;
-                } else {
-                    // Pages whose first byte is in this copy are clean from now on.
-                    for page in run.pos.div_ceil(PAGE_SIZE)..(run.pos + k).div_ceil(PAGE_SIZE) {
-                        dirty.clear(page);
+                let stop = run.pos + k;
+                // Page by page, so the page just hashed is still in L1 when it is copied.
+                let mut pos = run.pos;
+                while pos < stop {
+                    let page = pos / PAGE_SIZE;
+                    if pos % PAGE_SIZE == 0 {
+                        // The copy of this page begins: its term is its contents from now
+                        // on, and a re-sent page is clean from now on.
+                        self.hashes.update(page, page_of(state, page));
+                        if !run.initial {
+                            dirty.clear(page);
+                        }
                     }
+                    let seg_end = ((page + 1) * PAGE_SIZE).min(stop);
+                    let len = (seg_end - pos) as usize;
+                    let to = n + (pos - run.pos) as usize;
+                    out[to..to + len].copy_from_slice(&state[pos as usize..pos as usize + len]);
+                    pos = seg_end;
                 }
-                run.pos += k;
+                if run.initial {
+                    self.initial_pos = stop;
+                }
+                run.pos = stop;
                 n += k as usize;
                 self.data_bytes += k;
                 continue;
             }
             self.run = None;
-            if !self.next_piece(state, dirty) {
+            if !self.next_piece(dirty) {
                 break;
             }
         }
@@ -142,7 +160,7 @@ impl SaveSession {
     }
 
     /// Queues the next piece of the stream; false when there is none now.
-    fn next_piece(&mut self, state: &[u8], dirty: &PageBitmap) -> bool {
+    fn next_piece(&mut self, dirty: &PageBitmap) -> bool {
         if !self.header_done {
             let header = StreamHeader {
                 size: self.size,
@@ -179,15 +197,10 @@ impl SaveSession {
             return true;
         }
         if self.stopped && !self.trailer_done {
-            // Every page rewritten after its copy began was sent again, so when nothing was,
-            // the initial pass saw the final state.
-            let digest = if self.data_bytes == self.size {
-                self.initial_hash.digest()
-            } else {
-                digest(state)
-            };
+            // Every page was hashed when its last copy began, and none changed after that
+            // (it would be dirty): the sum is the final state's.
             let trailer = Trailer {
-                digest,
+                state_hash: self.hashes.sum(),
                 data_bytes: self.data_bytes,
             };
             self.load_small(&trailer.encode(), Framing::Trailer);
@@ -243,8 +256,11 @@ impl SaveSession {
 
 #[cfg(test)]
 mod tests {
-    use super::super::content::generate;
-    use super::super::format::full_stream_len;
+    use proptest::prelude::*;
+
+    use super::super::content::{generate, SplitMix};
+    use super::super::format::{full_stream_len, state_hash};
+    use super::super::resume::ResumeSession;
     use super::*;
 
     fn drain(s: &mut SaveSession, state: &[u8], dirty: &mut PageBitmap, chunk: usize) -> Vec<u8> {
@@ -266,16 +282,16 @@ mod tests {
         let mut reference = None;
         for chunk in [1, 7, 4096, 1 << 20, 3 << 20] {
             let mut dirty = PageBitmap::new(size / PAGE_SIZE);
-            let mut s = SaveSession::new(size, 3, true);
+            let mut s = SaveSession::new(size, 3, true).unwrap();
             assert_eq!(s.remaining(&dirty), full_stream_len(size));
             let out = drain(&mut s, &state, &mut dirty, chunk);
             assert_eq!(out.len() as u64, full_stream_len(size), "chunk {chunk}");
             assert_eq!(s.remaining(&dirty), 0);
             let trailer = Trailer::decode(out[out.len() - 16..].try_into().unwrap());
             assert_eq!(
-                trailer.digest,
-                digest(&state),
-                "the in-copy hash is the digest"
+                trailer.state_hash,
+                state_hash(&state),
+                "the in-copy hashes make the state hash"
             );
             match &reference {
                 None => reference = Some(out),
@@ -289,7 +305,7 @@ mod tests {
         let size = 2 * RECORD_MAX;
         let mut state = generate(size, 9).unwrap();
         let mut dirty = PageBitmap::new(size / PAGE_SIZE);
-        let mut s = SaveSession::new(size, 9, false);
+        let mut s = SaveSession::new(size, 9, false).unwrap();
         let start = s.pending(&dirty);
         assert_eq!(
             start.initial_bytes,
@@ -330,7 +346,7 @@ mod tests {
         assert_eq!(s.remaining(&dirty), TRAILER_LEN as u64);
         let tail = drain(&mut s, &state, &mut dirty, 5);
         let trailer = Trailer::decode(tail[16..].try_into().unwrap());
-        assert_eq!(trailer.digest, digest(&state));
+        assert_eq!(trailer.state_hash, state_hash(&state));
         assert_eq!(trailer.data_bytes, size + 2 * PAGE_SIZE);
     }
 
@@ -339,7 +355,7 @@ mod tests {
         let size = 4 * PAGE_SIZE;
         let state = generate(size, 1).unwrap();
         let mut dirty = PageBitmap::new(4);
-        let mut s = SaveSession::new(size, 1, false);
+        let mut s = SaveSession::new(size, 1, false).unwrap();
         let mut buf = vec![0u8; HEADER_LEN + RECORD_HEADER_LEN + 100];
         assert_eq!(s.read(&state, &mut dirty, &mut buf), buf.len());
         assert!(s.needs_resend(0), "page 0 has begun to be copied");
@@ -347,5 +363,65 @@ mod tests {
             !s.needs_resend(1),
             "page 1 will be copied by the initial pass anyway"
         );
+    }
+
+    /// What happens to a saving session between two reads of the stream.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// Read up to this many bytes.
+        Read(usize),
+        /// The worker rewrites this page (modulo the page count) with contents from this seed.
+        Rewrite(u64, u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1usize..20_000).prop_map(Step::Read),
+            (any::<u64>(), any::<u64>()).prop_map(|(p, seed)| Step::Rewrite(p, seed)),
+        ]
+    }
+
+    proptest! {
+        /// However reads split pages and rewrites fall between them (also in the middle of a
+        /// page's copy), the trailer carries the state hash of the final state, and the stream
+        /// resumes to exactly that state.
+        #[test]
+        fn the_trailer_is_the_final_state_hash_whatever_the_interleaving(
+            pages in 1u64..24,
+            steps in proptest::collection::vec(step(), 0..80),
+            tail_read in 1usize..9000,
+        ) {
+            let size = pages * PAGE_SIZE;
+            let mut state = generate(size, 2).unwrap();
+            let mut dirty = PageBitmap::new(pages);
+            let mut s = SaveSession::new(size, 2, false).unwrap();
+            let mut stream = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Read(n) => {
+                        let mut buf = vec![0u8; n];
+                        let got = s.read(&state, &mut dirty, &mut buf);
+                        stream.extend_from_slice(&buf[..got]);
+                    }
+                    Step::Rewrite(page, seed) => {
+                        let page = page % pages;
+                        let at = (page * PAGE_SIZE) as usize;
+                        SplitMix::new(seed).fill(&mut state[at..at + PAGE_SIZE as usize]);
+                        if s.needs_resend(page) {
+                            dirty.set(page);
+                        }
+                    }
+                }
+            }
+            s.mark_stopped();
+            stream.extend(drain(&mut s, &state, &mut dirty, tail_read));
+            let trailer = Trailer::decode(stream[stream.len() - 16..].try_into().unwrap());
+            prop_assert_eq!(trailer.state_hash, state_hash(&state));
+            let mut resumed = vec![0u8; size as usize];
+            let mut r = ResumeSession::new(size).unwrap();
+            r.write(&mut resumed, &stream).unwrap();
+            r.finish().unwrap();
+            prop_assert!(resumed == state);
+        }
     }
 }

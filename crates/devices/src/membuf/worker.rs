@@ -3,9 +3,11 @@
 //! Everything the worker touches is under one mutex ([`Shared::core`]). The worker checks
 //! `running` and mutates with that mutex held, so once a hook has cleared `running` under the
 //! mutex, no mutation and no DMA is in flight or can start: that is what makes `stop` hooks
-//! honest. The worker sleeps on a condition variable between ticks (mutex released), so the
-//! controller's hooks and register reads wait at most one tick's work (well under a
-//! millisecond at tens of MB/s).
+//! honest. The worker sleeps on a condition variable between ticks (mutex released), makes
+//! the new page contents with the mutex released, and holds it only to copy in at most
+//! [`BATCH_PAGES`] pages and post their completions, so the controller's hooks (a stop is
+//! inside a migration's downtime) and register reads wait for at most one such batch
+//! (microseconds), however high the dirty rate or however far behind the worker is.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -22,6 +24,8 @@ use super::save::SaveSession;
 pub(crate) const TICK: Duration = Duration::from_millis(5);
 /// Longest stretch of time one tick makes up for (after the worker was held up).
 const MAX_CATCH_UP: Duration = Duration::from_millis(100);
+/// Most pages rewritten under one hold of the state lock (64 KiB of copying).
+const BATCH_PAGES: usize = 16;
 /// Bytes of one completion-ring entry in guest memory: generation (u64) and page index (u64).
 pub const COMPLETION_LEN: u64 = 16;
 
@@ -69,43 +73,38 @@ impl Shared {
 pub(crate) fn run(shared: Arc<Shared>, dma: Dma) {
     let mut rng = SplitMix::new(shared.seed ^ 0x6d65_6d62_7566_2d77);
     let pages = shared.size / PAGE_SIZE;
+    let page_len = PAGE_SIZE as usize;
     let mut ring = Ring::new(shared.dma_window);
-    // Owed work in byte-nanoseconds, so that low rates still make progress.
-    let mut owed: u128 = 0;
-    let mut last = Instant::now();
-    let mut core = shared.lock();
+    let mut pace = Pace::new();
+    // Pages owed and not yet rewritten.
+    let mut due: u64 = 0;
+    // The next batch: which pages, and their new contents.
+    let mut targets = [0u64; BATCH_PAGES];
+    let mut fresh = vec![0u8; BATCH_PAGES * page_len];
     loop {
-        if core.exit {
-            return;
+        // Between batches the lock is taken only once, to copy in: a waiting hook gets it
+        // while the next batch is being made.
+        if due == 0 {
+            match pace.wait(&shared, pages) {
+                Some(owed_pages) => due = owed_pages,
+                None => return,
+            }
         }
-        if !core.running {
-            core = shared.wake.wait(core).unwrap_or_else(|p| p.into_inner());
-            last = Instant::now();
-            owed = 0;
-            continue;
+        let batch = due.min(BATCH_PAGES as u64) as usize;
+        for target in &mut targets[..batch] {
+            *target = rng.next_u64() % pages;
         }
-        core = shared
-            .wake
-            .wait_timeout(core, TICK)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        rng.fill(&mut fresh[..batch * page_len]);
+
+        let mut core = shared.lock();
         if core.exit || !core.running {
+            // Stopped meanwhile: nothing of this batch may happen any more.
+            due = 0;
             continue;
         }
-        let now = Instant::now();
-        let elapsed = now.duration_since(last).min(MAX_CATCH_UP);
-        last = now;
-        let rate = shared.dirty_rate.load(Ordering::Relaxed);
-        owed += u128::from(rate) * elapsed.as_nanos();
-        let per_page = u128::from(PAGE_SIZE) * 1_000_000_000;
-        let due = owed / per_page;
-        owed -= due * per_page;
-        // More than the whole state per tick changes nothing more.
-        let due = (due as u64).min(pages);
-        for _ in 0..due {
-            let page = rng.next_u64() % pages;
+        for (&page, contents) in targets[..batch].iter().zip(fresh.chunks_exact(page_len)) {
             let at = (page * PAGE_SIZE) as usize;
-            rng.fill(&mut core.state[at..at + PAGE_SIZE as usize]);
+            core.state[at..at + page_len].copy_from_slice(contents);
             let generation = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
             if let Some(save) = &core.save {
                 if save.needs_resend(page) {
@@ -115,6 +114,60 @@ pub(crate) fn run(shared: Arc<Shared>, dma: Dma) {
             ring.push(generation, page);
         }
         ring.post(&shared, &dma);
+        due -= batch as u64;
+    }
+}
+
+/// Turns time into pages owed at the dirty rate.
+struct Pace {
+    /// Owed work in byte-nanoseconds, so that low rates still make progress.
+    owed: u128,
+    last: Instant,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Pace {
+            owed: 0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Sleeps (lock released) until the device runs and at least one page is owed; returns
+    /// how many (at most `pages`), or `None` when the device is gone.
+    fn wait(&mut self, shared: &Shared, pages: u64) -> Option<u64> {
+        let mut core = shared.lock();
+        loop {
+            if core.exit {
+                return None;
+            }
+            if !core.running {
+                core = shared.wake.wait(core).unwrap_or_else(|p| p.into_inner());
+                self.last = Instant::now();
+                self.owed = 0;
+                continue;
+            }
+            core = shared
+                .wake
+                .wait_timeout(core, TICK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if core.exit || !core.running {
+                continue;
+            }
+            let now = Instant::now();
+            let elapsed = now.duration_since(self.last).min(MAX_CATCH_UP);
+            self.last = now;
+            let rate = shared.dirty_rate.load(Ordering::Relaxed);
+            self.owed += u128::from(rate) * elapsed.as_nanos();
+            let per_page = u128::from(PAGE_SIZE) * 1_000_000_000;
+            let whole = self.owed / per_page;
+            self.owed -= whole * per_page;
+            if whole > 0 {
+                // More than the whole state per tick changes nothing more.
+                return Some((whole as u64).min(pages));
+            }
+        }
     }
 }
 
