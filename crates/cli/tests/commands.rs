@@ -108,7 +108,7 @@ fn info_shows_a_membuf_in_text_and_json() {
     let text = ok(&["info", &addr]).stdout;
     for want in [
         &format!("device {addr}") as &str,
-        "identity: membuf version 1",
+        "identity: membuf version 2",
         "features: stop-copy,p2p\n",
         "state: running",
         "data size: 1.0 MiB",
