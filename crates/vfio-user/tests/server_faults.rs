@@ -194,3 +194,30 @@ fn a_broken_device_reports_error_state_until_reset() {
         }
     );
 }
+
+#[test]
+fn a_failed_write_ends_the_resuming_session() {
+    let (plan, _dev, mut host) = faulty_membuf();
+    let mut s = session(&mut host);
+    assert_eq!(errno(&call(&mut s, set_state(DeviceState::Resuming))), None);
+    let write = |data: &'static [u8]| Request::MigDataWrite(MigDataWrite::new(data));
+    plan.arm(Fault::new(
+        FaultPoint::StreamWrite,
+        FaultAction::Fail(Errno::ENOSPC),
+    ));
+    assert_errno(&call(&mut s, write(b"MBUFSTRM")), Errno::ENOSPC);
+    // Part of a failed write may be in the device: later writes (a pipelining client's)
+    // would land at the wrong place, so they are refused until the session ends.
+    plan.clear();
+    assert_errno(&call(&mut s, write(b"MBUFSTRM")), Errno::ENOSPC);
+    assert_eq!(
+        reply(&call(&mut s, Request::DeviceReset)),
+        Reply::DeviceReset
+    );
+    assert_eq!(errno(&call(&mut s, set_state(DeviceState::Resuming))), None);
+    assert_eq!(
+        errno(&call(&mut s, write(b"MBUFSTRM"))),
+        None,
+        "a new session takes writes again"
+    );
+}

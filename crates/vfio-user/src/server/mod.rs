@@ -113,6 +113,9 @@ pub struct DeviceHost {
     /// A device error met after a MIG_DATA_READ had already read some bytes: those bytes were
     /// answered, the error is answered on the next read.
     deferred_read_error: Option<DeviceError>,
+    /// A MIG_DATA_WRITE failed: some of its bytes may be in the device and some not, so the
+    /// resuming session cannot go on; later writes get this errno until the session ends.
+    failed_write: Option<vfio_mig_uapi::Errno>,
 }
 
 impl fmt::Debug for DeviceHost {
@@ -151,6 +154,7 @@ impl DeviceHost {
             irqs,
             stream: None,
             deferred_read_error: None,
+            failed_write: None,
         })
     }
 

@@ -734,6 +734,7 @@ impl<'h> ServerSession<'h> {
                 if let Some(stream) = opened {
                     self.host.stream = Some(stream);
                     self.host.deferred_read_error = None;
+                    self.host.failed_write = None;
                 } else if !in_session(target) {
                     self.drop_stream();
                 }
@@ -752,6 +753,7 @@ impl<'h> ServerSession<'h> {
     fn drop_stream(&mut self) {
         self.host.stream = None;
         self.host.deferred_read_error = None;
+        self.host.failed_write = None;
     }
 
     fn logging_start(
@@ -939,12 +941,22 @@ impl<'h> ServerSession<'h> {
                 ),
             ));
         }
+        if let Some(errno) = self.host.failed_write {
+            return Err(err(
+                errno,
+                "an earlier MIG_DATA_WRITE of this resuming session failed; leave RESUMING or reset",
+            ));
+        }
         let stream = self
             .host
             .stream
             .as_mut()
             .ok_or_else(|| err(Errno::EINVAL, "no resuming session is open"))?;
-        vfio_mig_device::write_all(stream.as_mut(), req.data)?;
+        if let Err(e) = vfio_mig_device::write_all(stream.as_mut(), req.data) {
+            // Part of the data may be in; a later write would land at the wrong place.
+            self.host.failed_write = Some(e.errno());
+            return Err(e);
+        }
         Ok(Answer::Reply(Reply::MigDataWrite))
     }
 }
