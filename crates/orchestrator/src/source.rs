@@ -3,9 +3,10 @@
 //!
 //! Threads: the caller's thread coordinates (device state changes, the convergence policy,
 //! rollback); one reader thread per device reads its saving stream into a small pool of
-//! reusable buffers; one writer thread owns the [`Encoder`] and the transport and writes
-//! whatever chunks arrive, so devices stream in parallel; one thread reads the back channel.
-//! Every thread reports to the coordinator over one channel.
+//! reusable buffers; one writer thread owns the frame sink (the stream encoder on a
+//! transport, or the in-process link of a local migration) and passes on whatever chunks
+//! arrive, so devices stream in parallel; one thread reads the back channel. Every thread
+//! reports to the coordinator over one channel.
 
 use std::fmt;
 use std::io;
