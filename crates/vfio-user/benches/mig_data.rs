@@ -127,6 +127,10 @@ fn throughput(c: &mut Criterion) {
         saved.extend_from_slice(piece)
     });
     remote_src.set_state(DeviceState::Running).expect("run");
+    // The bytes that are timed below do make a working migration.
+    resume(&remote_dst, &saved);
+    assert_eq!(dst.regs().digest(), src.regs().digest(), "resumed state differs");
+    remote_dst.set_state(DeviceState::Running).expect("run");
     let stream_len = saved.len() as u64;
     let raw = Arc::new(saved.clone());
 

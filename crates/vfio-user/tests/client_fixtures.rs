@@ -306,7 +306,12 @@ fn gpio_probe_queries_and_migration_through_the_client() {
         .unwrap()
         .expect("RESUMING opens a session");
     assert_eq!(resume.direction(), StreamDirection::Resuming);
-    assert_eq!(resume.write(&data).unwrap_err().errno(), Errno::EINVAL);
+    // Writes are posted: the refusal comes with the next state change, which then does not
+    // happen; asked again, the device leaves RESUMING.
+    assert_eq!(resume.write(&data).unwrap(), 64);
+    let err = device.set_state(DeviceState::Stop).unwrap_err();
+    assert_eq!(err.errno(), Errno::EINVAL);
+    assert_eq!(err.reached, Some(DeviceState::Resuming));
     assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
     assert_eq!(resume.write(&data).unwrap_err().errno(), Errno::ENODEV);
     assert!(device.set_state(DeviceState::Running).unwrap().is_none());

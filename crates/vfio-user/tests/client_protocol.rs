@@ -662,7 +662,7 @@ fn dirty_report_is_split_when_the_bitmap_exceeds_a_message() {
         .filter(|(_, &w)| w != 0)
         .map(|(i, _)| i)
         .collect();
-    let per_piece = (((1 << 20) + 32 - HEADER_SIZE - 8 - 24) / 8) as usize;
+    let per_piece = ((1 << 20) + 32 - HEADER_SIZE - 8 - 24) / 8;
     assert_eq!(dirty.len(), words.div_ceil(per_piece));
     assert!(dirty.iter().enumerate().all(|(k, &i)| i == k * per_piece));
     let mut short = vec![0u64; 3];
@@ -769,5 +769,100 @@ fn stop_copy_read_ahead_loses_nothing_and_leaks_nothing() {
     // Dropping the client with a read outstanding collects it first: the server sees a
     // clean close, not a reset.
     drop((s, s2, device, client));
+    server.join().unwrap();
+}
+
+/// Writes are posted one deep: a refusal is reported by the next write, or by the next state
+/// change (which then does not happen), and a reset forgets it.
+#[test]
+fn posted_write_refusals_are_never_lost() {
+    let mut state = DeviceState::Running;
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&log);
+    let (stream, server) = serve(Flavor::Standard, move |conn, req| {
+        match &req.body {
+            Request::DeviceFeature(f) if f.is_set() => {
+                if let FeatureData::MigDeviceState { state: s, .. } = f.data {
+                    seen.lock().unwrap().push(format!("set {s}"));
+                }
+            }
+            Request::MigDataWrite(w) => {
+                seen.lock().unwrap().push(format!("write {:#x}", w.data[0]));
+                // Bytes starting with 0xee cannot be right.
+                if w.data[0] == 0xee {
+                    return refuse(conn, &req.header, Errno::EINVAL);
+                }
+                return answer(conn, &req.header, Reply::MigDataWrite);
+            }
+            Request::DeviceReset => {
+                seen.lock().unwrap().push("reset".into());
+                state = DeviceState::Running;
+                return answer(conn, &req.header, Reply::DeviceReset);
+            }
+            _ => {}
+        }
+        assert!(answer_state_machine(
+            conn,
+            &req,
+            MigrationFeatures::STOP_COPY,
+            &mut state
+        ));
+    });
+    let device = RemoteDevice::new(client_for(stream));
+    let taken =
+        |log: &Arc<std::sync::Mutex<Vec<String>>>| std::mem::take(&mut *log.lock().unwrap());
+
+    // Refused third chunk: reported by the fourth write, which is collected too.
+    let mut resume = device.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(resume.write(&[1; 100]).unwrap(), 100);
+    assert_eq!(resume.write(&[2; 100]).unwrap(), 100);
+    assert_eq!(resume.write(&[0xee; 100]).unwrap(), 100);
+    assert_eq!(resume.write(&[4; 100]).unwrap_err().errno(), Errno::EINVAL);
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    assert_eq!(
+        taken(&log),
+        [
+            "set resuming",
+            "write 0x1",
+            "write 0x2",
+            "write 0xee",
+            "write 0x4",
+            "set stop"
+        ]
+    );
+
+    drop(resume);
+    // Refused last chunk: the state change reports it and is not sent; asked again, it is.
+    let mut resume = device.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(resume.write(&[0xee; 10]).unwrap(), 10);
+    let err = device.set_state(DeviceState::Stop).unwrap_err();
+    assert_eq!(err.errno(), Errno::EINVAL);
+    assert_eq!(err.reached, Some(DeviceState::Resuming));
+    assert_eq!(taken(&log), ["set resuming", "write 0xee"]);
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    assert_eq!(taken(&log), ["set stop"]);
+
+    drop(resume);
+    // A reset forgets a refusal of the session it ends.
+    let mut resume = device.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(resume.write(&[0xee; 10]).unwrap(), 10);
+    device.reset().unwrap();
+    assert_eq!(resume.write(&[5; 10]).unwrap_err().errno(), Errno::ENODEV);
+    drop(resume);
+    let mut resume = device.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(resume.write(&[6; 10]).unwrap(), 10);
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    assert_eq!(
+        taken(&log),
+        [
+            "set resuming",
+            "write 0xee",
+            "reset",
+            "set resuming",
+            "write 0x6",
+            "set stop"
+        ]
+    );
+    drop((resume, device));
     server.join().unwrap();
 }

@@ -35,8 +35,8 @@ use vfio_mig_uapi::Errno;
 
 use crate::codec::{
     Body, Capabilities, CodecError, Command, Header, Limits, Message, MessageKind,
-    MigDataReadRequest, Payload, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE,
-    VERSION_MAJOR, VERSION_MINOR,
+    MigDataReadRequest, MigDataWrite, Payload, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE,
+    HEADER_SIZE, MIG_DATA_PREFIX, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::extension::{ExtensionError, VfioMigCapability, LEGACY_MAX_PAYLOAD};
 use crate::socket::{Connection, Incoming, SocketError};
@@ -213,19 +213,31 @@ struct Wire {
     conn: Connection,
     next_id: u16,
     broken: Option<String>,
-    ahead: ReadAhead,
+    ahead: Pipeline,
 }
 
-/// A MIG_DATA_READ sent before the caller asked for it (STOP_COPY only), and its reply when
-/// another exchange had to receive it first.
+/// Requests sent before their reply is needed, so that the server works while the caller
+/// does: a MIG_DATA_READ asked ahead in STOP_COPY, or a MIG_DATA_WRITE whose reply is
+/// collected after the next write went out. At most one is outstanding.
 #[derive(Default)]
-struct ReadAhead {
-    /// msg_id and size of the outstanding request.
-    pending: Option<(u16, u32)>,
-    /// What its reply brought, not yet handed to a reader.
+struct Pipeline {
+    /// The outstanding request.
+    pending: Option<Outstanding>,
+    /// What a read-ahead's reply brought when another exchange had to receive it first.
     stash: Option<Stashed>,
     /// Where stashed data lives (reused).
     buf: Vec<u8>,
+    /// The errno of a posted write the server refused, not yet reported.
+    write_error: Option<Errno>,
+}
+
+/// A request whose reply has not been received.
+#[derive(Clone, Copy, Debug)]
+enum Outstanding {
+    /// MIG_DATA_READ: msg_id and size asked for.
+    Read(u16, u32),
+    /// MIG_DATA_WRITE: msg_id.
+    Write(u16),
 }
 
 /// A read-ahead reply waiting for the next read.
@@ -313,7 +325,7 @@ impl Client {
                 conn,
                 next_id: 1,
                 broken: None,
-                ahead: ReadAhead::default(),
+                ahead: Pipeline::default(),
             }),
             negotiated,
         })
@@ -346,7 +358,7 @@ impl Client {
         handle: impl FnOnce(Answer<'_>, Option<&mut [u8]>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let mut wire = self.usable_wire()?;
-        self.drain_read_ahead(&mut wire)?;
+        self.drain_pipeline(&mut wire)?;
         let command = request.command();
         let message = Message::request(wire.take_id(), request);
         send(&mut wire, &message, fds)?;
@@ -447,33 +459,120 @@ impl Client {
         }
     }
 
-    /// Receives the reply of a MIG_DATA_READ sent ahead, if one is outstanding, into the
-    /// stash, where the next read finds it.
-    fn drain_read_ahead(&self, wire: &mut Wire) -> Result<(), ClientError> {
-        let Some((id, size)) = wire.ahead.pending.take() else {
-            return Ok(());
-        };
-        let mut buf = std::mem::take(&mut wire.ahead.buf);
-        if buf.len() < size as usize {
-            // At most the negotiated read size: bounded by our own limits.
-            buf.resize(size as usize, 0);
+    /// Receives the reply of the outstanding request, if any: a read-ahead's into the stash
+    /// (where the next read finds it), a posted write's refusal into `write_error` (which the
+    /// next write or state change reports).
+    fn drain_pipeline(&self, wire: &mut Wire) -> Result<(), ClientError> {
+        match wire.ahead.pending.take() {
+            None => return Ok(()),
+            Some(Outstanding::Write(id)) => {
+                if let Err(e) = self.await_write(wire, id) {
+                    wire.ahead.write_error = Some(e.errno());
+                }
+            }
+            Some(Outstanding::Read(id, size)) => {
+                let mut buf = std::mem::take(&mut wire.ahead.buf);
+                if buf.len() < size as usize {
+                    // At most the negotiated read size: bounded by our own limits.
+                    buf.resize(size as usize, 0);
+                }
+                let got = self.await_read(wire, id, size, &mut buf[..size as usize]);
+                wire.ahead.buf = buf;
+                wire.ahead.stash = Some(match got {
+                    Ok(n) => Stashed::Data { start: 0, end: n },
+                    Err(e) => Stashed::Error(e.errno()),
+                });
+            }
         }
+        match &wire.broken {
+            Some(why) => Err(ClientError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the reply to MIG_DATA_READ `id` of `size` bytes, its data into `dest`.
+    fn await_read(
+        &self,
+        wire: &mut Wire,
+        id: u16,
+        size: u32,
+        dest: &mut [u8],
+    ) -> Result<usize, ClientError> {
         let request = Request::MigDataRead(MigDataReadRequest::new(size));
-        let got = self.await_reply(
+        self.await_reply(
             wire,
             id,
             Command::MigDataRead,
             &request,
-            Some(&mut buf[..size as usize]),
+            Some(dest),
             |answer, dest| ops::check_mig_data_read(size, answer, dest.unwrap_or_default()),
-        );
-        wire.ahead.buf = buf;
-        wire.ahead.stash = Some(match got {
-            Ok(n) => Stashed::Data { start: 0, end: n },
-            Err(e) => Stashed::Error(e.errno()),
-        });
-        match &wire.broken {
-            Some(why) => Err(ClientError::Broken(why.clone())),
+        )
+    }
+
+    /// Waits for the (header-only) reply to MIG_DATA_WRITE `id`.
+    fn await_write(&self, wire: &mut Wire, id: u16) -> Result<(), ClientError> {
+        let request = Request::MigDataWrite(MigDataWrite::new(&[]));
+        self.await_reply(
+            wire,
+            id,
+            Command::MigDataWrite,
+            &request,
+            None,
+            |answer, _| match answer {
+                Answer::Reply(Reply::MigDataWrite, _) => Ok(()),
+                _ => Err(bad_reply(
+                    Command::MigDataWrite,
+                    "not a MIG_DATA_WRITE reply",
+                )),
+            },
+        )
+    }
+
+    /// One MIG_DATA_WRITE of the first bytes of `data` (as many as one message may carry),
+    /// sent straight from `data`; returns how many were sent. With `posted`, the reply is
+    /// collected only after the next write went out (or before any other exchange): a
+    /// refusal is then reported by that next write, or by [`Client::flush_writes`].
+    pub(super) fn write_mig_data(&self, data: &[u8], posted: bool) -> Result<usize, ClientError> {
+        let mut wire = self.usable_wire()?;
+        if let Some(errno) = wire.ahead.write_error.take() {
+            return Err(ClientError::Remote {
+                command: Command::MigDataWrite.raw(),
+                errno,
+            });
+        }
+        if matches!(wire.ahead.pending, Some(Outstanding::Read(..))) {
+            self.drain_pipeline(&mut wire)?;
+        }
+        let n = data.len().min(self.negotiated.write_chunk(MIG_DATA_PREFIX));
+        let id = wire.take_id();
+        let message = Message::request(id, Request::MigDataWrite(MigDataWrite::new(&data[..n])));
+        send(&mut wire, &message, &[])?;
+        if let Some(Outstanding::Write(previous)) = wire.ahead.pending.take() {
+            if let Err(e) = self.await_write(&mut wire, previous) {
+                // Collect this one too: nothing stays outstanding after a refusal.
+                if wire.broken.is_none() {
+                    let _ = self.await_write(&mut wire, id);
+                }
+                return Err(e);
+            }
+        }
+        if posted {
+            wire.ahead.pending = Some(Outstanding::Write(id));
+        } else {
+            self.await_write(&mut wire, id)?;
+        }
+        Ok(n)
+    }
+
+    /// Collects an outstanding posted write and reports a refused one not reported yet.
+    pub fn flush_writes(&self) -> Result<(), ClientError> {
+        let mut wire = self.usable_wire()?;
+        self.drain_pipeline(&mut wire)?;
+        match wire.ahead.write_error.take() {
+            Some(errno) => Err(ClientError::Remote {
+                command: Command::MigDataWrite.raw(),
+                errno,
+            }),
             None => Ok(()),
         }
     }
@@ -504,17 +603,16 @@ impl Client {
                 };
             }
             match wire.ahead.pending {
-                Some((_, size)) if size as usize > buf.len() => {
-                    // Sent for a larger buffer than this one: take it through the stash.
-                    self.drain_read_ahead(&mut wire)?;
-                    continue;
-                }
-                _ => break,
+                Some(Outstanding::Read(_, size)) if size as usize <= buf.len() => break,
+                // Sent for a larger buffer than this one: take it through the stash. A
+                // posted write is collected first (its refusal waits for the next write).
+                Some(_) => self.drain_pipeline(&mut wire)?,
+                None => break,
             }
         }
         let (id, size) = match wire.ahead.pending.take() {
-            Some(pending) => pending,
-            None => {
+            Some(Outstanding::Read(id, size)) => (id, size),
+            _ => {
                 let size = buf.len().min(self.negotiated.max_read as usize) as u32;
                 let id = wire.take_id();
                 let message =
@@ -523,36 +621,30 @@ impl Client {
                 (id, size)
             }
         };
-        let request = Request::MigDataRead(MigDataReadRequest::new(size));
-        let n = self.await_reply(
-            &mut wire,
-            id,
-            Command::MigDataRead,
-            &request,
-            Some(buf),
-            |answer, dest| ops::check_mig_data_read(size, answer, dest.unwrap_or_default()),
-        )?;
+        let n = self.await_read(&mut wire, id, size, buf)?;
         if ahead && n == size as usize && size > 0 {
             let next = wire.take_id();
             let message =
                 Message::request(next, Request::MigDataRead(MigDataReadRequest::new(size)));
             // A failure here breaks the wire; the bytes just read are still good.
             if send(&mut wire, &message, &[]).is_ok() {
-                wire.ahead.pending = Some((next, size));
+                wire.ahead.pending = Some(Outstanding::Read(next, size));
             }
         }
         Ok(n)
     }
 
-    /// Forgets any read-ahead (its data belongs to a session that ended).
-    pub(super) fn discard_read_ahead(&self) {
+    /// Forgets what the pipeline holds for a session that ended: read-ahead data, a
+    /// posted write's refusal.
+    pub(super) fn discard_pipeline(&self) {
         let mut wire = self.lock_wire();
         if wire.broken.is_none() {
             // An error here has broken the wire already; nothing more to undo.
-            let _ = self.drain_read_ahead(&mut wire);
+            let _ = self.drain_pipeline(&mut wire);
         }
         wire.ahead.pending = None;
         wire.ahead.stash = None;
+        wire.ahead.write_error = None;
     }
 }
 
@@ -566,8 +658,8 @@ fn send(wire: &mut Wire, message: &Message<'_>, fds: &[BorrowedFd<'_>]) -> Resul
 }
 
 impl Drop for Client {
-    /// Collects an outstanding read-ahead so the server is not left writing to a closed
-    /// socket; waits at most a second for it.
+    /// Collects an outstanding read-ahead or posted write so the server is not left
+    /// writing to a closed socket; waits at most a second for it.
     fn drop(&mut self) {
         let wire = self.wire.get_mut().unwrap_or_else(|p| p.into_inner());
         if wire.ahead.pending.is_some() && wire.broken.is_none() {
@@ -577,7 +669,7 @@ impl Drop for Client {
                 .set_read_timeout(Some(Duration::from_secs(1)));
             let mut wire = self.lock_wire();
             // Errors here only mean the server went first.
-            let _ = self.drain_read_ahead(&mut wire);
+            let _ = self.drain_pipeline(&mut wire);
         }
     }
 }

@@ -9,8 +9,8 @@ use super::{bad_reply, Answer, Client, ClientError};
 use crate::codec::{Command, RegionInfoReply};
 use crate::codec::{
     DeviceFeature, DeviceInfo, DmaLoggingControl, DmaLoggingReport, DmaMap, DmaUnmap, FeatureData,
-    IovaRange, IrqInfo, IrqSet, MigDataReadRequest, MigDataWrite, Payload, RegionAccess, RegionCap,
-    RegionData, RegionInfo, RegionInfoRequest, Reply, Request, SparseMmapArea, DMA_UNMAP_FLAG_ALL,
+    IovaRange, IrqInfo, IrqSet, MigDataReadRequest, Payload, RegionAccess, RegionCap, RegionData,
+    RegionInfo, RegionInfoRequest, Reply, Request, SparseMmapArea, DMA_UNMAP_FLAG_ALL,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
     FEATURE_HEADER, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
     FEATURE_PROBE, FEATURE_SET, HEADER_SIZE, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD,
@@ -525,17 +525,9 @@ impl Client {
     }
 
     /// One MIG_DATA_WRITE of the first bytes of `data` (as many as one message may carry),
-    /// sent straight from `data`; returns how many were written.
+    /// sent straight from `data`; waits for its reply and returns how many were written.
     pub fn mig_data_write(&self, data: &[u8]) -> Result<usize, ClientError> {
-        let n = data.len().min(self.negotiated.write_chunk(MIG_DATA_PREFIX));
-        let request = Request::MigDataWrite(MigDataWrite::new(&data[..n]));
-        self.exchange(request, &[], None, |answer, _| match answer {
-            Answer::Reply(Reply::MigDataWrite, _) => Ok(n),
-            _ => Err(bad_reply(
-                Command::MigDataWrite,
-                "not a MIG_DATA_WRITE reply",
-            )),
-        })
+        self.write_mig_data(data, false)
     }
 }
 

@@ -134,6 +134,22 @@ impl RemoteDevice {
             reached: None,
             cause,
         };
+        if matches!(t.session, Some((_, StreamDirection::Resuming))) {
+            if let Err(e) = self.client.flush_writes() {
+                if !matches!(e, ClientError::Remote { .. }) {
+                    t.state = None;
+                }
+                return Err(TransitionError {
+                    requested: target,
+                    failed_arc: None,
+                    reached: t.state,
+                    cause: e.into_device_error(
+                        "a MIG_DATA_WRITE of this resuming session was refused; state unchanged \
+                         (ask again to change it anyway)",
+                    ),
+                });
+            }
+        }
         let features = self.features_tracked(t).map_err(unknown)?;
         let current = match t.state {
             Some(s) => s,
@@ -244,7 +260,7 @@ impl MigrationDevice for RemoteDevice {
         let result = self.set_state_tracked(&mut t, target);
         if t.session != before {
             // Data read ahead for a session that is over must not reach anyone.
-            self.client.discard_read_ahead();
+            self.client.discard_pipeline();
         }
         result
     }
@@ -309,7 +325,7 @@ impl MigrationDevice for RemoteDevice {
         // Whatever the answer, no stream of the old session may be used again.
         t.session = None;
         t.generation += 1;
-        self.client.discard_read_ahead();
+        self.client.discard_pipeline();
         match result {
             Ok(()) => {
                 t.state = Some(DeviceState::Running);
@@ -402,7 +418,10 @@ impl MigrationStream for RemoteStream {
         if buf.is_empty() {
             return Ok(0);
         }
-        self.client.mig_data_write(buf).map_err(|e| {
+        // Posted: the reply is collected after the next chunk went out, so the server stores
+        // this chunk while the next one travels. A refusal is reported by the next write, or
+        // by the next state change, which will not leave RESUMING over it.
+        self.client.write_mig_data(buf, true).map_err(|e| {
             self.note_failure(&e);
             e.into_device_error("MIG_DATA_WRITE")
         })
