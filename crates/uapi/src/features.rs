@@ -69,9 +69,8 @@ impl MigrationFeatures {
     pub const PRE_COPY: MigrationFeatures =
         MigrationFeatures(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY);
     /// STOP_COPY | P2P | PRE_COPY (0x7).
-    pub const ALL: MigrationFeatures = MigrationFeatures(
-        VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
-    );
+    pub const ALL: MigrationFeatures =
+        MigrationFeatures(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY);
     /// The four valid feature sets, in flag order.
     pub const VALID_SETS: [MigrationFeatures; 4] = [
         MigrationFeatures::STOP_COPY,
@@ -146,7 +145,11 @@ impl MigrationFeatures {
     /// empty list means STOP_COPY only, and `all` means every feature.
     pub fn parse_list(list: &str) -> Result<Self, FeaturesError> {
         let mut set = MigrationFeatures::STOP_COPY;
-        for word in list.split([',', '+']).map(str::trim).filter(|w| !w.is_empty()) {
+        for word in list
+            .split([',', '+'])
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
             let norm = word.to_ascii_lowercase().replace('_', "-");
             if norm == "all" {
                 set = MigrationFeatures::ALL;
@@ -235,12 +238,21 @@ mod tests {
 
     #[test]
     fn lists_parse_with_either_separator() {
-        assert_eq!("".parse::<MigrationFeatures>().unwrap(), MigrationFeatures::STOP_COPY);
+        assert_eq!(
+            "".parse::<MigrationFeatures>().unwrap(),
+            MigrationFeatures::STOP_COPY
+        );
         assert_eq!("stop-copy".parse::<MigrationFeatures>().unwrap().bits(), 1);
         assert_eq!("p2p".parse::<MigrationFeatures>().unwrap().bits(), 3);
         assert_eq!("pre-copy".parse::<MigrationFeatures>().unwrap().bits(), 5);
-        assert_eq!("p2p,pre-copy".parse::<MigrationFeatures>().unwrap().bits(), 7);
-        assert_eq!("p2p+pre-copy".parse::<MigrationFeatures>().unwrap().bits(), 7);
+        assert_eq!(
+            "p2p,pre-copy".parse::<MigrationFeatures>().unwrap().bits(),
+            7
+        );
+        assert_eq!(
+            "p2p+pre-copy".parse::<MigrationFeatures>().unwrap().bits(),
+            7
+        );
         assert_eq!("PRE_COPY".parse::<MigrationFeatures>().unwrap().bits(), 5);
         assert_eq!("all".parse::<MigrationFeatures>().unwrap().bits(), 7);
         let err = "p2p,precopy".parse::<MigrationFeatures>().unwrap_err();

@@ -93,7 +93,9 @@ impl DeviceState {
     ///
     /// [`DeviceState::Error`] needs every bit, so no feature set supports it.
     pub const fn required_flags(self) -> u64 {
-        use crate::kernel::{VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
+        use crate::kernel::{
+            VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
+        };
         match self {
             DeviceState::Error => !0,
             DeviceState::Stop
@@ -170,7 +172,10 @@ impl fmt::Display for DeviceState {
 
 /// A state name that is not one of the eight.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown state '{given}'; valid states: {}", DeviceState::valid_names())]
+#[error(
+    "unknown state '{given}'; valid states: {}",
+    DeviceState::valid_names()
+)]
 pub struct ParseStateError {
     given: String,
 }
@@ -244,15 +249,24 @@ mod tests {
             assert_eq!(short.parse::<DeviceState>().unwrap(), state);
         }
         let err = "runing".parse::<DeviceState>().unwrap_err().to_string();
-        assert!(err.contains("runing") && err.contains("pre-copy-p2p"), "{err}");
+        assert!(
+            err.contains("runing") && err.contains("pre-copy-p2p"),
+            "{err}"
+        );
     }
 
     #[test]
     fn saving_and_running_classes() {
         use DeviceState::*;
-        let saving: Vec<_> = DeviceState::ALL.into_iter().filter(|s| s.is_saving()).collect();
+        let saving: Vec<_> = DeviceState::ALL
+            .into_iter()
+            .filter(|s| s.is_saving())
+            .collect();
         assert_eq!(saving, [StopCopy, PreCopy, PreCopyP2p]);
-        let running: Vec<_> = DeviceState::ALL.into_iter().filter(|s| s.is_running()).collect();
+        let running: Vec<_> = DeviceState::ALL
+            .into_iter()
+            .filter(|s| s.is_running())
+            .collect();
         assert_eq!(running, [Running, RunningP2p, PreCopy, PreCopyP2p]);
     }
 
