@@ -15,6 +15,9 @@
 //!   straight from memory (1 MiB each: vfio-mig's server announces whole-message reads),
 //!   -> STOP (the device checks the state) -> RUNNING.
 //!
+//! * `..._unpipelined`: the same with `ClientOptions::pipelining` off (each reply awaited
+//!   before the next request).
+//!
 //! The target is at least 60% of `raw_socketpair` for the two vfio-user lines.
 
 use std::hint::black_box;
@@ -28,7 +31,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput};
 use vfio_mig_device::{write_all, DataStream, DeviceState, MigrationDevice, ReadOutcome};
 use vfio_mig_devices::membuf::{self, Membuf, MembufConfig};
-use vfio_mig_vfio_user::client::RemoteDevice;
+use vfio_mig_vfio_user::client::{Client, ClientOptions, RemoteDevice};
 use vfio_mig_vfio_user::server::{HostedDevice, Server, StopHandle};
 
 const CHUNK: usize = 1 << 20;
@@ -114,8 +117,16 @@ fn throughput(c: &mut Criterion) {
     let dst = membuf(size, 2);
     let (src_path, src_stop) = serve(&src, &dir, "src.sock");
     let (dst_path, dst_stop) = serve(&dst, &dir, "dst.sock");
-    let remote_src = RemoteDevice::connect(&src_path).expect("connect source");
-    let remote_dst = RemoteDevice::connect(&dst_path).expect("connect destination");
+    let connect = |path: &PathBuf, pipelining: bool| {
+        let options = ClientOptions {
+            pipelining,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(path, options).expect("connect");
+        RemoteDevice::new(Arc::new(client))
+    };
+    let remote_src = connect(&src_path, true);
+    let remote_dst = connect(&dst_path, true);
     assert!(
         remote_src.client().negotiated().extension.is_some(),
         "vfio-mig's server negotiates the extensions"
@@ -129,7 +140,11 @@ fn throughput(c: &mut Criterion) {
     remote_src.set_state(DeviceState::Running).expect("run");
     // The bytes that are timed below do make a working migration.
     resume(&remote_dst, &saved);
-    assert_eq!(dst.regs().digest(), src.regs().digest(), "resumed state differs");
+    assert_eq!(
+        dst.regs().digest(),
+        src.regs().digest(),
+        "resumed state differs"
+    );
     remote_dst.set_state(DeviceState::Running).expect("run");
     let stream_len = saved.len() as u64;
     let raw = Arc::new(saved.clone());
@@ -159,6 +174,19 @@ fn throughput(c: &mut Criterion) {
             remote_src.set_state(DeviceState::Running).expect("run");
         })
     });
+    // The same without pipelining (every reply awaited before the next request), on a
+    // second connection: the server serves one client at a time, so the first one waits.
+    drop(remote_src);
+    let plain_src = connect(&src_path, false);
+    group.bench_function("vfio_user_save_unpipelined", |b| {
+        b.iter(|| {
+            save(&plain_src, &mut buf, |p| {
+                black_box(p);
+            });
+            plain_src.set_state(DeviceState::Running).expect("run");
+        })
+    });
+    drop(plain_src);
     group.bench_function("in_process_resume", |b| {
         b.iter(|| {
             resume(dst.controller(), black_box(&saved));
@@ -173,6 +201,14 @@ fn throughput(c: &mut Criterion) {
             remote_dst.set_state(DeviceState::Running).expect("run");
         })
     });
+    drop(remote_dst);
+    let plain_dst = connect(&dst_path, false);
+    group.bench_function("vfio_user_resume_unpipelined", |b| {
+        b.iter(|| {
+            resume(&plain_dst, black_box(&saved));
+            plain_dst.set_state(DeviceState::Running).expect("run");
+        })
+    });
     group.finish();
     assert_eq!(
         dst.regs().digest(),
@@ -180,7 +216,7 @@ fn throughput(c: &mut Criterion) {
         "resumed state differs"
     );
 
-    drop((remote_src, remote_dst));
+    drop(plain_dst);
     src_stop.stop();
     dst_stop.stop();
 }

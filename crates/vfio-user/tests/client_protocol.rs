@@ -866,3 +866,52 @@ fn posted_write_refusals_are_never_lost() {
     drop((resume, device));
     server.join().unwrap();
 }
+
+/// Without pipelining every reply is awaited: refusals come with their own write and nothing
+/// is read ahead.
+#[test]
+fn without_pipelining_each_request_waits_for_its_reply() {
+    let mut state = DeviceState::Running;
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&reads);
+    let (stream, server) = serve(Flavor::Standard, move |conn, req| match &req.body {
+        Request::MigDataWrite(w) if w.data[0] == 0xee => refuse(conn, &req.header, Errno::EINVAL),
+        Request::MigDataWrite(_) => answer(conn, &req.header, Reply::MigDataWrite),
+        Request::MigDataRead(r) => {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let data = vec![9u8; r.size as usize];
+            answer(
+                conn,
+                &req.header,
+                Reply::MigDataRead(MigDataReadReply::new(&data)),
+            );
+        }
+        _ => assert!(answer_state_machine(
+            conn,
+            &req,
+            MigrationFeatures::STOP_COPY,
+            &mut state
+        )),
+    });
+    let options = ClientOptions {
+        pipelining: false,
+        ..ClientOptions::default()
+    };
+    let client = Arc::new(Client::from_stream(stream, options).unwrap());
+    assert!(!client.negotiated().pipelining);
+    let device = RemoteDevice::new(Arc::clone(&client));
+    let mut resume = device.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(resume.write(&[1; 10]).unwrap(), 10);
+    assert_eq!(
+        resume.write(&[0xee; 10]).unwrap_err().errno(),
+        Errno::EINVAL
+    );
+    assert!(device.set_state(DeviceState::Stop).unwrap().is_none());
+    let mut save = device.set_state(DeviceState::StopCopy).unwrap().unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(save.read(&mut buf).unwrap(), ReadOutcome::Data(64));
+    assert_eq!(save.read(&mut buf).unwrap(), ReadOutcome::Data(64));
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    drop((resume, save, device, client));
+    server.join().unwrap();
+}

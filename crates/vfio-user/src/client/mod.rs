@@ -56,16 +56,21 @@ pub struct ClientOptions {
     pub announce_extensions: bool,
     /// Read and write timeout on the socket; `None` waits forever.
     pub timeout: Option<Duration>,
+    /// Let migration data streams keep one request outstanding (STOP_COPY read-ahead,
+    /// posted MIG_DATA_WRITE) so the server works while the caller does; `false` waits for
+    /// every reply before the next request.
+    pub pipelining: bool,
 }
 
 impl Default for ClientOptions {
-    /// 1 MiB transfers, 8 fds, extensions announced, no timeout.
+    /// 1 MiB transfers, 8 fds, extensions announced, no timeout, pipelining.
     fn default() -> Self {
         ClientOptions {
             max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
             max_msg_fds: 8,
             announce_extensions: true,
             timeout: None,
+            pipelining: true,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct Negotiated {
     pub max_write: u32,
     /// Most fds sent with one message: the server's `max_msg_fds`.
     pub max_fds: u32,
+    /// Whether data streams may keep one request outstanding ([`ClientOptions::pipelining`]).
+    pub pipelining: bool,
 }
 
 impl Negotiated {
@@ -317,6 +324,15 @@ impl Client {
             .set_read_timeout(options.timeout)
             .and_then(|()| stream.set_write_timeout(options.timeout))
             .map_err(|e| ClientError::Socket(SocketError::Io(e)))?;
+        if options.pipelining {
+            // Room for a whole posted write beside the one being sent, so the copy into the
+            // socket overlaps the server's work on the previous chunk. The kernel caps it at
+            // net.core.wmem_max; a smaller buffer only means less overlap.
+            let want = 2 * options.max_data_xfer_size.max(DEFAULT_MAX_DATA_XFER_SIZE) as usize;
+            if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&stream, want) {
+                tracing::debug!(error = %e, "socket send buffer left as it is");
+            }
+        }
         let mut conn = Connection::new(stream);
         let negotiated = negotiate(&mut conn, &options)?;
         tracing::debug!(?negotiated, "vfio-user version negotiated");
@@ -763,6 +779,7 @@ fn negotiate(conn: &mut Connection, options: &ClientOptions) -> Result<Negotiate
         max_payload: (!whole).then_some(LEGACY_MAX_PAYLOAD),
         max_write: server.max_data_xfer_size(),
         max_fds: server.max_msg_fds(),
+        pipelining: options.pipelining,
         server,
         extension,
         incoming,

@@ -401,7 +401,7 @@ impl MigrationStream for RemoteStream {
         // In STOP_COPY the next chunk is asked for before this one is consumed, so the
         // server produces it while the caller works; PRE_COPY reads stay one at a time
         // (precopy info must not miss data already fetched).
-        let ahead = state == Some(DeviceState::StopCopy);
+        let ahead = state == Some(DeviceState::StopCopy) && self.client.negotiated().pipelining;
         match self.client.read_mig_data(buf, ahead) {
             Ok(0) if state == Some(DeviceState::StopCopy) => Ok(ReadOutcome::End),
             Ok(0) => Ok(ReadOutcome::NothingNow),
@@ -421,7 +421,8 @@ impl MigrationStream for RemoteStream {
         // Posted: the reply is collected after the next chunk went out, so the server stores
         // this chunk while the next one travels. A refusal is reported by the next write, or
         // by the next state change, which will not leave RESUMING over it.
-        self.client.write_mig_data(buf, true).map_err(|e| {
+        let posted = self.client.negotiated().pipelining;
+        self.client.write_mig_data(buf, posted).map_err(|e| {
             self.note_failure(&e);
             e.into_device_error("MIG_DATA_WRITE")
         })
