@@ -112,7 +112,7 @@ fn save(device: &RemoteDevice, chunk: usize) -> Result<Vec<u8>, String> {
     let from = device.state().map_err(|e| e.to_string())?;
     let mut stream: DataStream = device
         .set_state(DeviceState::StopCopy)
-        .map_err(|e| format!("SET STOP_COPY: {e}"))?
+        .map_err(|e| format!("SET STOP_COPY: {e}: {}", e.cause))?
         .ok_or("SET STOP_COPY returned no stream")?;
     println!("  {from} -> stop-copy: session opened");
     let mut buf = vec![0u8; chunk];
@@ -143,14 +143,14 @@ fn save(device: &RemoteDevice, chunk: usize) -> Result<Vec<u8>, String> {
 fn resume(device: &RemoteDevice, data: &[u8]) -> Result<(), String> {
     let mut stream = device
         .set_state(DeviceState::Resuming)
-        .map_err(|e| format!("SET RESUMING: {e}"))?
+        .map_err(|e| format!("SET RESUMING: {e}: {}", e.cause))?
         .ok_or("SET RESUMING returned no stream")?;
     println!("  -> resuming: session opened");
     write_all(stream.as_mut(), data).map_err(|e| e.to_string())?;
     println!("  wrote {} bytes", data.len());
     device
         .set_state(DeviceState::Stop)
-        .map_err(|e| format!("SET STOP (device validates the state): {e}"))?;
+        .map_err(|e| format!("SET STOP (device validates the state): {e}: {}", e.cause))?;
     println!("  resuming -> stop: accepted");
     Ok(())
 }
