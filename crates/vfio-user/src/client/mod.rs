@@ -548,7 +548,7 @@ impl Client {
     /// sent straight from `data`; returns how many were sent. With `posted`, the reply is
     /// collected only after the next write went out (or before any other exchange): a
     /// refusal is then reported by that next write, or by [`Client::flush_writes`].
-    pub(super) fn write_mig_data(&self, data: &[u8], posted: bool) -> Result<usize, ClientError> {
+    fn write_mig_data(&self, data: &[u8], posted: bool) -> Result<usize, ClientError> {
         let mut wire = self.usable_wire()?;
         if let Some(errno) = wire.ahead.write_error.take() {
             return Err(ClientError::Remote {
@@ -596,7 +596,7 @@ impl Client {
     /// One MIG_DATA_READ into `buf` (a stashed or outstanding read-ahead first); with
     /// `ahead`, a full reply is followed at once by the next request of the same size, so
     /// the server produces the next chunk while this one is consumed.
-    pub(super) fn read_mig_data(&self, buf: &mut [u8], ahead: bool) -> Result<usize, ClientError> {
+    fn read_mig_data(&self, buf: &mut [u8], ahead: bool) -> Result<usize, ClientError> {
         let mut wire = self.usable_wire()?;
         loop {
             if let Some(stashed) = wire.ahead.stash.take() {
@@ -652,7 +652,7 @@ impl Client {
 
     /// Forgets what the pipeline holds for a session that ended: read-ahead data, a
     /// posted write's refusal.
-    pub(super) fn discard_pipeline(&self) {
+    fn discard_pipeline(&self) {
         let mut wire = self.lock_wire();
         if wire.broken.is_none() {
             // An error here has broken the wire already; nothing more to undo.
