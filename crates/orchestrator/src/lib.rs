@@ -49,6 +49,8 @@ pub use event::{
     Side, SourceSummary, Stage,
 };
 pub use local::{load, migrate_local, save};
-pub use policy::{ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason};
+pub use policy::{
+    ConvergencePolicy, Decision, NonConvergence, RoundStats, SwitchoverReason, MAX_INITIAL_ROUNDS,
+};
 pub use source::{migrate_out, Cancel, NamedDevice, SourceOptions, CANCEL_POLL};
 pub use transport::{Listener, Transport};
