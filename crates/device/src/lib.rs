@@ -32,7 +32,9 @@ pub use dma::{
     check_logging_ranges, DirtyLog, Dma, GuestMemory, VecGuestMemory, MAX_LOGGING_RANGES,
 };
 pub use error::{DeviceError, TransitionError};
-pub use regions::{IrqInfo, RegionAccess, RegionInfo};
+pub use regions::{
+    DmaWindow, HostLink, HostServices, IrqInfo, MmapArea, RegionAccess, RegionInfo, RegionMmap,
+};
 pub use types::{
     write_all, DataStream, DeviceIdentity, IovaRange, MigrationStream, PrecopyInfo, ReadOutcome,
     RunMode, SaveKind,

@@ -1,16 +1,16 @@
-//! The DMA windows one client has mapped (DMA_MAP / DMA_UNMAP), and the guest memory view
-//! the hosted device's [`Dma`] handle gets from them.
+//! The DMA windows one client has mapped (DMA_MAP / DMA_UNMAP), and the immutable snapshots
+//! of them ([`GuestMap`]) the device's DMA goes through.
 //!
-//! The table is copy-on-write: every change builds a new immutable [`GuestMap`] and installs
-//! it with [`Dma::set_memory`], which waits for DMA in flight through the old one. When a
-//! window is removed, the last reference to its mapping goes with the old map, so by the time
-//! DMA_UNMAP is answered the server holds no reference to that memory.
+//! The table is copy-on-write: every change builds a new [`GuestMap`] and installs it in the
+//! session's [`super::client_dma::ClientDma`], which waits for direct copies through the old
+//! one. When a window is removed, the last reference to its mapping goes with the old map,
+//! so by the time DMA_UNMAP is answered the server holds no reference to that memory.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use vfio_mig_device::{DeviceError, Dma, GuestMemory, IovaRange};
+use vfio_mig_device::{DeviceError, DmaWindow, IovaRange};
 use vfio_mig_uapi::Errno;
 
 use super::memory::MappedRegion;
@@ -19,15 +19,19 @@ use crate::codec::{DmaMap, DmaUnmap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 /// One DMA window.
 #[derive(Debug)]
 pub(crate) struct DmaRegion {
-    iova: u64,
-    size: u64,
-    /// The client's memory, when DMA_MAP came with an fd. Without one the device cannot
-    /// reach the window (the server does not send DMA_READ/DMA_WRITE messages).
-    mapping: Option<MappedRegion>,
+    pub(crate) iova: u64,
+    pub(crate) size: u64,
+    /// DMA_MAP_FLAG_READ: the device may read the window.
+    pub(crate) readable: bool,
+    /// DMA_MAP_FLAG_WRITE: the device may write the window.
+    pub(crate) writable: bool,
+    /// The client's memory, when DMA_MAP came with an fd. Without one the device reaches the
+    /// window through DMA_READ / DMA_WRITE messages.
+    pub(crate) mapping: Option<MappedRegion>,
 }
 
 impl DmaRegion {
-    fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.iova + self.size
     }
 }
@@ -116,6 +120,8 @@ impl DmaTable {
             Arc::new(DmaRegion {
                 iova: req.addr,
                 size: req.size,
+                readable: req.flags & DMA_MAP_FLAG_READ != 0,
+                writable: req.flags & DMA_MAP_FLAG_WRITE != 0,
                 mapping,
             }),
         );
@@ -190,16 +196,11 @@ impl DmaTable {
         out
     }
 
-    /// Installs the current windows as the device's guest memory (none: no memory).
-    pub(crate) fn publish(&self, dma: &Dma) {
-        if self.regions.is_empty() {
-            dma.set_memory(None);
-        } else {
-            let map = GuestMap {
-                regions: self.regions.values().cloned().collect(),
-            };
-            dma.set_memory(Some(Arc::new(map)));
-        }
+    /// An immutable snapshot of the current windows.
+    pub(crate) fn snapshot(&self) -> Arc<GuestMap> {
+        Arc::new(GuestMap {
+            regions: self.regions.values().cloned().collect(),
+        })
     }
 
     fn overlapping(&self, start: u64, end: u64) -> Option<&DmaRegion> {
@@ -213,64 +214,53 @@ impl DmaTable {
 }
 
 /// An immutable snapshot of the windows: the guest memory a device does DMA into.
-#[derive(Debug)]
-struct GuestMap {
+#[derive(Debug, Default)]
+pub(crate) struct GuestMap {
     /// Sorted by IOVA, not overlapping.
     regions: Vec<Arc<DmaRegion>>,
 }
 
 impl GuestMap {
-    fn find(&self, iova: u64) -> Option<&DmaRegion> {
+    /// The window holding `iova`.
+    pub(crate) fn find(&self, iova: u64) -> Option<&DmaRegion> {
         let i = self.regions.partition_point(|r| r.iova <= iova);
         let r = self.regions.get(i.checked_sub(1)?)?;
         (iova < r.end()).then_some(r.as_ref())
     }
 
-    /// Runs `op(region, offset, start, len)` over the windows covering `[iova, iova + len)`;
-    /// an access may span adjacent windows.
-    fn each(
-        &self,
-        iova: u64,
-        len: usize,
-        mut op: impl FnMut(&MappedRegion, u64, usize, usize) -> Result<(), Errno>,
-    ) -> Result<(), DeviceError> {
-        let fault = |errno: Errno, at: u64| {
-            DeviceError::new(
-                errno,
-                format!("DMA of {len} bytes at {iova:#x}: no usable mapping at {at:#x}"),
-            )
+    /// Whether no window is mapped.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Whether every byte of `[iova, iova + len)` lies in windows the device may write
+    /// (`write`) or read.
+    pub(crate) fn covers(&self, iova: u64, len: usize, write: bool) -> bool {
+        let Some(end) = iova.checked_add(len as u64) else {
+            return false;
         };
-        let mut done = 0usize;
-        while done < len {
-            let at = iova
-                .checked_add(done as u64)
-                .ok_or_else(|| fault(Errno::EFAULT, u64::MAX))?;
-            let region = self.find(at).ok_or_else(|| fault(Errno::EFAULT, at))?;
-            let mapping = region
-                .mapping
-                .as_ref()
-                .ok_or_else(|| fault(Errno::EFAULT, at))?;
-            let offset = at - region.iova;
-            let n = (len - done).min(usize::try_from(region.end() - at).unwrap_or(usize::MAX));
-            op(mapping, offset, done, n).map_err(|e| fault(e, at))?;
-            done += n;
+        let mut at = iova;
+        while at < end {
+            match self.find(at) {
+                Some(r) if (if write { r.writable } else { r.readable }) => at = r.end(),
+                _ => return false,
+            }
         }
-        Ok(())
-    }
-}
-
-impl GuestMemory for GuestMap {
-    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.each(iova, data.len(), |m, offset, start, n| {
-            m.write(offset, &data[start..start + n])
-        })
+        true
     }
 
-    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let len = buf.len();
-        self.each(iova, len, |m, offset, start, n| {
-            m.read(offset, &mut buf[start..start + n])
-        })
+    /// The windows, as the device may learn them.
+    pub(crate) fn windows(&self) -> Vec<DmaWindow> {
+        self.regions
+            .iter()
+            .map(|r| DmaWindow {
+                iova: r.iova,
+                size: r.size,
+                readable: r.readable,
+                writable: r.writable,
+                direct: r.mapping.is_some(),
+            })
+            .collect()
     }
 }
 
@@ -377,35 +367,28 @@ mod tests {
     }
 
     #[test]
-    fn device_dma_lands_in_the_client_file_across_adjacent_windows() {
+    fn snapshots_find_windows_and_check_permissions() {
         let mut t = DmaTable::default();
-        let fd = memfd(0x3000);
-        let probe = fd.try_clone().unwrap();
-        t.map(
-            &map_req(0x10000, 0x1000, 0),
-            Some(fd.try_clone().unwrap()),
-            8,
-        )
-        .unwrap();
-        t.map(&map_req(0x11000, 0x2000, 0x1000), Some(fd), 8)
+        t.map(&map_req(0x1000, 0x1000, 0), None, 8).unwrap();
+        t.map(&map_req(0x2000, 0x1000, 0), Some(memfd(0x1000)), 8)
             .unwrap();
-        t.map(&map_req(0x20000, 0x1000, 0), None, 8).unwrap();
-        let dma = Dma::new();
-        t.publish(&dma);
-        dma.write(0x10ffe, b"span").unwrap();
-        let mut back = [0u8; 4];
-        rustix::io::pread(&probe, &mut back, 0xffe).unwrap();
-        assert_eq!(&back, b"span");
-        dma.read(0x10ffe, &mut back).unwrap();
-        assert_eq!(&back, b"span");
-        // A window without an fd, and a hole, are unreachable.
-        assert_eq!(dma.write(0x20000, b"x").unwrap_err().errno(), Errno::EFAULT);
-        assert_eq!(
-            dma.write(0x13fff, b"xy").unwrap_err().errno(),
-            Errno::EFAULT
-        );
+        let mut read_only = map_req(0x8000, 0x1000, 0);
+        read_only.flags = DMA_MAP_FLAG_READ;
+        t.map(&read_only, None, 8).unwrap();
+        let map = t.snapshot();
+        assert_eq!(map.find(0x1fff).map(|r| r.iova), Some(0x1000));
+        assert_eq!(map.find(0x2000).map(|r| r.iova), Some(0x2000));
+        assert!(map.find(0x3000).is_none() && map.find(0).is_none());
+        assert!(map.covers(0x1800, 0x1000, true), "spans adjacent windows");
+        assert!(!map.covers(0x2800, 0x1000, true), "runs into a hole");
+        assert!(map.covers(0x8000, 0x1000, false));
+        assert!(!map.covers(0x8000, 1, true), "read-only window");
+        assert!(!map.covers(u64::MAX, 2, false));
+        let windows = map.windows();
+        assert_eq!(windows.len(), 3);
+        assert!(!windows[0].direct && windows[1].direct);
+        assert!(windows[2].readable && !windows[2].writable);
         t.clear();
-        t.publish(&dma);
-        assert!(!dma.has_memory());
+        assert!(t.snapshot().is_empty());
     }
 }

@@ -142,6 +142,27 @@ impl IrqTable {
         }
     }
 
+    /// The device raises vector `sub` of `index`: signals its eventfd. `Ok(false)` when the
+    /// client set none or masked the vector (the interrupt is lost, as on a line nobody
+    /// listens to); `EINVAL` for a vector the device does not have.
+    pub(crate) fn trigger(&self, index: u32, sub: u32) -> Result<bool, DeviceError> {
+        let v = self
+            .vectors
+            .get(index as usize)
+            .and_then(|v| v.get(sub as usize))
+            .ok_or_else(|| {
+                DeviceError::new(
+                    Errno::EINVAL,
+                    format!("the device has no vector {sub} of IRQ index {index}"),
+                )
+            })?;
+        if v.masked || v.trigger.is_none() {
+            return Ok(false);
+        }
+        signal(v)?;
+        Ok(true)
+    }
+
     /// Drops every eventfd.
     pub(crate) fn clear(&mut self) {
         for v in self.vectors.iter_mut().flatten() {
@@ -215,6 +236,32 @@ mod tests {
         t.set(&set(IRQ_SET_DATA_NONE | trig, 2, 0, 0, &[]), vec![])
             .unwrap();
         assert!(!t.has_trigger(2, 1));
+    }
+
+    #[test]
+    fn the_device_triggers_vectors_that_have_an_unmasked_eventfd() {
+        let mut t = IrqTable::new(&[IrqInfo { index: 0, count: 1 }]);
+        assert!(!t.trigger(0, 0).unwrap(), "no eventfd yet");
+        assert_eq!(t.trigger(0, 1).unwrap_err().errno(), Errno::EINVAL);
+        assert_eq!(t.trigger(1, 0).unwrap_err().errno(), Errno::EINVAL);
+        assert_eq!(t.trigger(9, 0).unwrap_err().errno(), Errno::EINVAL);
+        let fd = efd();
+        let probe = fd.try_clone().unwrap();
+        let trig = IRQ_SET_ACTION_TRIGGER;
+        t.set(&set(IRQ_SET_DATA_EVENTFD | trig, 0, 0, 1, &[]), vec![fd])
+            .unwrap();
+        assert!(t.trigger(0, 0).unwrap());
+        assert!(t.trigger(0, 0).unwrap());
+        assert_eq!(counter(&probe), 2);
+        t.set(
+            &set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK, 0, 0, 1, &[]),
+            vec![],
+        )
+        .unwrap();
+        assert!(!t.trigger(0, 0).unwrap(), "masked");
+        assert_eq!(counter(&probe), 0);
+        t.clear();
+        assert!(!t.trigger(0, 0).unwrap());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`Server`]: a listening UNIX socket serving one client at a time, one after another.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -12,8 +13,8 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::pipe::PipeFlags;
 use vfio_mig_device::DeviceError;
 
-use super::{DeviceHost, HostedDevice, ServerConfig, ServerSession};
-use crate::codec::Header;
+use super::{DeviceHost, HostedDevice, Response, ServerConfig, ServerSession};
+use crate::codec::{Header, MessageKind};
 use crate::socket::{Connection, Received, SocketError};
 
 /// Why the server could not start or go on (a failing client only ends that client).
@@ -135,7 +136,7 @@ impl Server {
         let host = DeviceHost::new(device).map_err(ServeError::Device)?;
         let (wake_rx, wake_tx) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
             .map_err(|e| ServeError::Pipe(e.into()))?;
-        let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind {
+        let listener = listen_at(&path).map_err(|source| ServeError::Bind {
             path: path.clone(),
             source,
         })?;
@@ -221,24 +222,57 @@ impl Server {
         Ok(served)
     }
 
+    /// Serves one connection: the client's messages, and the server's own DMA requests
+    /// for the device.
+    ///
+    /// Without a twin socket both directions share the socket. While a DMA_READ / DMA_WRITE
+    /// of the server awaits its reply, the client's commands are held in arrival order
+    /// and handled after it (a command may wait for the device, whose DMA waits for that
+    /// reply); replies are handled at once. Queued device DMA goes out before held
+    /// commands, one request at a time.
     fn serve_connection(&mut self, mut conn: Connection) -> Served {
         let control = Arc::clone(&self.control);
         let mut session = ServerSession::new(&mut self.host, self.config);
         let limits = *session.limits();
         let mut messages = 0u64;
+        let mut held: VecDeque<(Vec<u8>, Vec<OwnedFd>)> = VecDeque::new();
         loop {
-            if let Err(e) = wait_readable(conn.stream().as_fd(), control.wake_rx.as_fd()) {
-                return left(messages, Some(SocketError::Io(e)));
+            if !session.awaiting_reply() {
+                if let Some(request) = session.next_request() {
+                    if let Err(e) = send(&mut conn, &request) {
+                        return stopped_or_left(&control, messages, e);
+                    }
+                    continue;
+                }
+                if let Some((bytes, fds)) = held.pop_front() {
+                    if let Some(response) = session.handle(&bytes, fds) {
+                        if let Err(e) = send(&mut conn, &response) {
+                            return stopped_or_left(&control, messages, e);
+                        }
+                    }
+                    continue;
+                }
             }
+            // The device's DMA wakeup matters only when a new request may go out.
+            let dma_fd = session
+                .dma_wakeup_fd()
+                .filter(|_| !session.awaiting_reply());
+            let ready = match wait_ready(conn.stream().as_fd(), control.wake_rx.as_fd(), dma_fd) {
+                Ok(ready) => ready,
+                Err(e) => return left(messages, Some(SocketError::Io(e))),
+            };
             if control.is_stopped() {
                 return Served::Stopped;
+            }
+            if !ready {
+                continue;
             }
             let (bytes, fds) = match conn.recv(&limits) {
                 Ok(Received { bytes, fds }) => (bytes, fds),
                 Err(SocketError::TooManyFds { header, .. }) => {
                     // The message was consumed and its fds closed: refuse it and go on.
                     messages += 1;
-                    if header.no_reply() {
+                    if header.no_reply() || header.kind().is_ok_and(|k| k == MessageKind::Reply) {
                         continue;
                     }
                     let reply = Header::error_reply_to(&header, vfio_mig_uapi::Errno::EINVAL);
@@ -252,17 +286,90 @@ impl Server {
                 Err(e) => return left(messages, Some(e)),
             };
             messages += 1;
+            let is_command = Header::decode(bytes)
+                .ok()
+                .and_then(|h| h.kind().ok())
+                .is_some_and(|k| k == MessageKind::Command);
+            if is_command && (session.awaiting_reply() || !held.is_empty()) {
+                if held.len() >= MAX_HELD_COMMANDS {
+                    // A client that keeps sending without reading our request: refuse
+                    // rather than hold without bound.
+                    let header = Header::decode(bytes).unwrap_or_default();
+                    if header.no_reply() {
+                        continue;
+                    }
+                    let reply = Header::error_reply_to(&header, vfio_mig_uapi::Errno::EBUSY);
+                    match conn.send(&reply.to_bytes(), &[], 0, &[]) {
+                        Ok(()) => continue,
+                        Err(e) => return left(messages, Some(e)),
+                    }
+                }
+                held.push_back((bytes.to_vec(), fds));
+                continue;
+            }
             // The session drops with its borrow of the host when this returns.
             if let Some(response) = session.handle(bytes, fds) {
-                if let Err(e) = conn.send(response.head, response.data, 0, &response.fds) {
-                    if control.is_stopped() {
-                        return Served::Stopped;
-                    }
-                    return left(messages, Some(e));
+                if let Err(e) = send(&mut conn, &response) {
+                    return stopped_or_left(&control, messages, e);
                 }
             }
         }
     }
+}
+
+/// Most client commands held while a server request awaits its reply; beyond, commands are
+/// refused with `EBUSY`.
+const MAX_HELD_COMMANDS: usize = 64;
+
+fn send(conn: &mut Connection, message: &Response<'_>) -> Result<(), SocketError> {
+    conn.send(message.head, message.data, message.padding, &message.fds)
+}
+
+fn stopped_or_left(control: &Control, messages: u64, e: SocketError) -> Served {
+    if control.is_stopped() {
+        Served::Stopped
+    } else {
+        left(messages, Some(e))
+    }
+}
+
+/// Binds and listens at `path`, which must not exist.
+///
+/// The socket is bound under a temporary name in the same directory and renamed into place
+/// once it listens: a client that polls for the file (libvfio-user's sample client spins on
+/// `stat`) never finds a socket that refuses connections. Where that cannot be done (a name
+/// too long for a socket address, a file system without `RENAME_NOREPLACE`), the socket is
+/// bound at `path` directly.
+fn listen_at(path: &Path) -> io::Result<UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        // Let bind report it as it always does (EADDRINUSE).
+        return UnixListener::bind(path);
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temporary =
+        name.map(|n| path.with_file_name(format!(".{n}.{}.binding", std::process::id())));
+    if let Some(temporary) = temporary {
+        let _ = std::fs::remove_file(&temporary);
+        if let Ok(listener) = UnixListener::bind(&temporary) {
+            let renamed = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &temporary,
+                rustix::fs::CWD,
+                path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            match renamed {
+                Ok(()) => return Ok(listener),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&temporary);
+                    if e == rustix::io::Errno::EXIST {
+                        return Err(io::Error::from(io::ErrorKind::AddrInUse));
+                    }
+                }
+            }
+        }
+    }
+    UnixListener::bind(path)
 }
 
 fn left(messages: u64, error: Option<SocketError>) -> Served {
@@ -287,6 +394,29 @@ impl Drop for Server {
             .map(|m| (m.dev(), m.ino()));
         if same.is_some() && same == self.file_id {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Blocks until the socket, the stop pipe or the device's DMA wakeup is readable (or hung
+/// up); returns whether the socket is.
+fn wait_ready(
+    socket: BorrowedFd<'_>,
+    wake: BorrowedFd<'_>,
+    dma: Option<BorrowedFd<'_>>,
+) -> io::Result<bool> {
+    let mut fds = vec![
+        PollFd::new(&socket, PollFlags::IN),
+        PollFd::new(&wake, PollFlags::IN),
+    ];
+    if let Some(dma) = &dma {
+        fds.push(PollFd::new(dma, PollFlags::IN));
+    }
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => return Ok(!fds[0].revents().is_empty()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -35,12 +35,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use vfio_mig_device::{
-    DataStream, DeviceError, Dma, IrqInfo, MigrationDevice, MigrationFeatures, RegionAccess,
-    RegionInfo,
+    DataStream, DeviceError, Dma, HostLink, IrqInfo, MigrationDevice, MigrationFeatures, MmapArea,
+    RegionAccess, RegionInfo, RegionMmap,
 };
 
 use crate::codec::{Limits, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS};
 
+mod client_dma;
 mod dma;
 mod irq;
 mod listener;
@@ -108,7 +109,11 @@ pub struct DeviceHost {
     device: HostedDevice,
     features: MigrationFeatures,
     regions: Vec<RegionInfo>,
+    /// Regions the client may mmap: their fd and sparse areas (checked to lie inside).
+    mmaps: Vec<(u32, RegionMmap)>,
     irqs: Vec<IrqInfo>,
+    /// The device's handle for interrupts and DMA by message, if it uses them.
+    link: Option<HostLink>,
     stream: Option<DataStream>,
     /// A device error met after a MIG_DATA_READ had already read some bytes: those bytes were
     /// answered, the error is answered on the next read.
@@ -124,7 +129,9 @@ impl fmt::Debug for DeviceHost {
             .field("device", &self.device)
             .field("features", &self.features)
             .field("regions", &self.regions)
+            .field("mmaps", &self.mmaps)
             .field("irqs", &self.irqs)
+            .field("link", &self.link)
             .field("stream", &self.stream)
             .finish()
     }
@@ -135,12 +142,23 @@ impl DeviceHost {
     /// change over a device's life).
     pub fn new(device: HostedDevice) -> Result<Self, DeviceError> {
         let features = device.migration.features()?;
-        let regions = device
+        let regions: Vec<RegionInfo> = device
             .regions
             .regions()
             .into_iter()
             .filter(|r| r.index < NUM_REGIONS)
             .collect();
+        let mmaps = regions
+            .iter()
+            .filter(|r| r.size > 0)
+            .filter_map(|r| {
+                Some((
+                    r.index,
+                    checked_mmap(r, device.regions.region_mmap(r.index)?)?,
+                ))
+            })
+            .collect();
+        let link = device.regions.host_link();
         let irqs = device
             .regions
             .irqs()
@@ -151,7 +169,9 @@ impl DeviceHost {
             device,
             features,
             regions,
+            mmaps,
             irqs,
+            link,
             stream: None,
             deferred_read_error: None,
             failed_write: None,
@@ -176,6 +196,37 @@ impl DeviceHost {
     fn region(&self, index: u32) -> Option<&RegionInfo> {
         self.regions.iter().find(|r| r.index == index && r.size > 0)
     }
+
+    fn mmap(&self, index: u32) -> Option<&RegionMmap> {
+        self.mmaps.iter().find(|(i, _)| *i == index).map(|(_, m)| m)
+    }
+}
+
+/// The device's mmap offer for `region`, if it makes sense: no areas means the whole region;
+/// areas must be non-empty and lie inside the region, else the region is offered by message
+/// only (and the device's mistake is logged).
+fn checked_mmap(region: &RegionInfo, mut mmap: RegionMmap) -> Option<RegionMmap> {
+    if mmap.areas.is_empty() {
+        mmap.areas.push(MmapArea {
+            offset: 0,
+            size: region.size,
+        });
+    }
+    let inside = |a: &MmapArea| {
+        a.size > 0
+            && a.offset
+                .checked_add(a.size)
+                .is_some_and(|end| end <= region.size)
+    };
+    let fits_file = mmap.file_offset.checked_add(region.size).is_some();
+    if !fits_file || !mmap.areas.iter().all(inside) {
+        tracing::warn!(
+            region = region.index,
+            "the device's mmap areas do not fit the region; offered by message only"
+        );
+        return None;
+    }
+    Some(mmap)
 }
 
 /// What this server offers a client in VERSION and enforces on its messages.

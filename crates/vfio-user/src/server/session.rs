@@ -1,49 +1,59 @@
 //! [`ServerSession`]: one client's conversation with the hosted device, sans-IO.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_mig_device::{DeviceError, DeviceIdentity, DeviceState, IovaRange, ReadOutcome};
+use vfio_mig_device::{
+    DeviceError, DeviceIdentity, DeviceState, GuestMemory, IovaRange, ReadOutcome,
+};
 use vfio_mig_uapi::kernel::{FeatureHeader, FeatureOp};
 use vfio_mig_uapi::Errno;
 
+use super::client_dma::{ClientDma, Job, JobOp, SessionServices};
 use super::dma::DmaTable;
 use super::irq::IrqTable;
 use super::{DeviceHost, ServerConfig, NUM_IRQ_INDICES, NUM_REGIONS};
 use crate::codec::{
-    Body, Capabilities, DeviceFeature, DeviceInfo, DmaLoggingReport, DmaMap, DmaUnmap, FeatureData,
-    Header, IrqInfo, Limits, Message, MessageKind, MigDataReadReply, MigDataReadRequest,
-    MigDataWrite, MigrationCapability, RegionAccess, RegionData, RegionInfo, RegionInfoReply,
-    RegionInfoRequest, RegionIoFdsReply, RegionIoFdsRequest, Reply, Request, Version, WriteMulti,
-    WriteMultiReply, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, FEATURE_DMA_LOGGING_REPORT,
-    FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET, HEADER_SIZE,
-    IRQ_INFO_EVENTFD, MIG_DATA_PREFIX, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
-    VERSION_MAJOR, VERSION_MINOR,
+    Body, Capabilities, Command, DeviceFeature, DeviceInfo, DmaAccess, DmaData, DmaLoggingReport,
+    DmaMap, DmaUnmap, FeatureData, Header, IrqInfo, Limits, Message, MessageKind, MigDataReadReply,
+    MigDataReadRequest, MigDataWrite, MigrationCapability, RegionAccess, RegionCap, RegionData,
+    RegionInfo, RegionInfoReply, RegionInfoRequest, RegionIoFdsReply, RegionIoFdsRequest, Reply,
+    Request, Version, WriteMulti, WriteMultiReply, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
+    FEATURE_HEADER, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+    FEATURE_SET, HEADER_SIZE, IRQ_INFO_EVENTFD, MIG_DATA_PREFIX, REGION_INFO_FLAG_MMAP,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::extension::{
     encode_precopy_info, VfioMigCapability, EXTENSION_VERSION, FEATURE_PRECOPY_INFO,
     PRECOPY_INFO_LEN,
 };
 
-/// The reply to send for one request: `head`, then `data`, with `fds` attached.
+/// A message to send: `head`, then `data`, then `padding` zero bytes, with `fds` attached.
+/// A reply to a request, or one of the server's own DMA_READ / DMA_WRITE requests.
 ///
 /// Everything is borrowed from the session's reusable buffers (migration data is read by
 /// the device straight into the buffer `data` points at), so it must be sent before the
-/// next request is handled.
+/// next message is handled.
 #[derive(Debug)]
 pub struct Response<'s> {
-    /// Header and fixed part of the reply.
+    /// Header and fixed part of the message.
     pub head: &'s [u8],
-    /// Bulk data after the head (REGION_READ data, MIG_DATA_READ data, a dirty bitmap).
+    /// Bulk data after the head (REGION_READ data, MIG_DATA_READ data, a dirty bitmap,
+    /// DMA_WRITE data).
     pub data: &'s [u8],
-    /// File descriptors to pass with the reply (this server passes none today).
+    /// Zero bytes after the data: a standard client's MIG_DATA_READ reply is padded to the
+    /// size asked for, as libvfio-user's client requires.
+    pub padding: usize,
+    /// File descriptors to pass with the message (a mappable region's fd with its
+    /// GET_REGION_INFO reply).
     pub fds: Vec<BorrowedFd<'s>>,
 }
 
 impl Response<'_> {
-    /// Total bytes of the reply.
+    /// Total bytes of the message.
     pub fn len(&self) -> usize {
-        self.head.len() + self.data.len()
+        self.head.len() + self.data.len() + self.padding
     }
 
     /// Whether the reply is empty (never: every reply has a header).
@@ -51,17 +61,23 @@ impl Response<'_> {
         self.len() == 0
     }
 
-    /// The whole reply in one vector (for tests and logs; the socket path sends the parts).
+    /// The whole message in one vector (for tests and logs; the socket path sends the
+    /// parts).
     pub fn to_vec(&self) -> Vec<u8> {
-        [self.head, self.data].concat()
+        let mut out = [self.head, self.data].concat();
+        out.resize(out.len() + self.padding, 0);
+        out
     }
 }
 
 /// What the client told us in VERSION.
 #[derive(Clone, Copy, Debug)]
 struct Peer {
-    /// The client's `max_data_xfer_size`: bounds MIG_DATA_READ/WRITE sizes.
+    /// The client's `max_data_xfer_size`: bounds MIG_DATA_READ/WRITE sizes and the chunks
+    /// of the server's DMA_READ/WRITE.
     max_data_xfer_size: u32,
+    /// The client's `max_msg_fds`: how many fds it takes with one message.
+    max_msg_fds: u32,
     /// Both sides announced the vfio-mig extension.
     extension: bool,
 }
@@ -80,8 +96,13 @@ enum Answer {
         region: u32,
         len: usize,
     },
-    /// MIG_DATA_READ: `data[..len]`.
-    MigDataRead { len: usize },
+    /// MIG_DATA_READ: `data[..len]` of the `requested` bytes.
+    MigDataRead { len: usize, requested: usize },
+    /// GET_REGION_INFO, with the fd of region `fd` when the reply carries its mmap areas.
+    RegionInfo {
+        reply: RegionInfoReply<'static>,
+        fd: Option<u32>,
+    },
     /// A DEVICE_FEATURE GET whose data is `data[..len]`.
     FeatureGet { flags: u32, len: usize },
     /// DMA_LOGGING_REPORT: the 24-byte header, then the bitmap in `data[..bitmap_len]`.
@@ -95,6 +116,37 @@ enum Answer {
 }
 
 type Outcome = Result<Answer, DeviceError>;
+
+/// How a handled request's reply is laid out after its head.
+#[derive(Clone, Copy, Debug, Default)]
+struct Encoded {
+    /// Bytes of `data` that follow the head.
+    data_len: usize,
+    /// Zero bytes after them.
+    padding: usize,
+    /// The region whose fd goes with the reply.
+    fd: Option<u32>,
+}
+
+/// The device's DMA job being carried out by messages, one chunk at a time.
+#[derive(Debug)]
+struct ActiveJob {
+    job: Job,
+    /// Bytes transferred so far.
+    done: usize,
+    /// DMA_READ: the bytes received so far.
+    read: Vec<u8>,
+    /// The request sent and not yet answered.
+    in_flight: Option<InFlight>,
+}
+
+/// One DMA_READ / DMA_WRITE request of the server, awaiting its reply.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    msg_id: u16,
+    addr: u64,
+    len: usize,
+}
 
 fn err(errno: Errno, message: impl Into<std::borrow::Cow<'static, str>>) -> DeviceError {
     DeviceError::new(errno, message)
@@ -113,9 +165,16 @@ pub struct ServerSession<'h> {
     limits: Limits,
     peer: Option<Peer>,
     dma: DmaTable,
-    /// Whether this session installed guest memory on the device's DMA handle.
+    /// The windows as the device's guest memory, and DMA by message.
+    client: Arc<ClientDma>,
+    /// Whether `client` is installed as guest memory on the device's DMA handle now.
     published: bool,
-    irqs: IrqTable,
+    /// The device's DMA by message being carried out.
+    active: Option<ActiveJob>,
+    /// msg_id of the server's next request.
+    next_msg_id: u16,
+    /// Shared with the device's host link, which triggers them.
+    irqs: Arc<Mutex<IrqTable>>,
     /// Whether this session started DMA logging (and has not stopped it).
     logging_started: bool,
     /// Encoded head of the current reply.
@@ -140,15 +199,29 @@ impl std::fmt::Debug for ServerSession<'_> {
 
 impl<'h> ServerSession<'h> {
     /// A session for a newly connected client.
+    ///
+    /// The session is bound to the calling thread: DMA by message the device starts from this
+    /// thread fails at once (it would wait for this thread), so handle messages here.
     pub fn new(host: &'h mut DeviceHost, config: ServerConfig) -> Self {
-        let irqs = IrqTable::new(&host.irqs);
+        let irqs = Arc::new(Mutex::new(IrqTable::new(&host.irqs)));
+        let client = Arc::new(ClientDma::new());
+        if let Some(link) = &host.link {
+            link.attach(Some(Arc::new(SessionServices {
+                client: Arc::clone(&client),
+                irqs: Arc::clone(&irqs),
+                dma: host.device.dma.clone(),
+            })));
+        }
         ServerSession {
             host,
             limits: config.limits(),
             config,
             peer: None,
             dma: DmaTable::default(),
+            client,
             published: false,
+            active: None,
+            next_msg_id: 1,
             irqs,
             logging_started: false,
             head: Vec::with_capacity(256),
@@ -174,7 +247,11 @@ impl<'h> ServerSession<'h> {
 
     /// Whether vector `vector` of IRQ index `index` has a trigger eventfd (DEVICE_SET_IRQS).
     pub fn irq_eventfd_set(&self, index: u32, vector: u32) -> bool {
-        self.irqs.has_trigger(index, vector)
+        self.irqs().has_trigger(index, vector)
+    }
+
+    fn irqs(&self) -> MutexGuard<'_, IrqTable> {
+        self.irqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Number of DMA windows the client has mapped.
@@ -182,14 +259,232 @@ impl<'h> ServerSession<'h> {
         self.dma.len()
     }
 
+    // ---- The server's own requests: the device's DMA by message ----
+
+    /// The fd that becomes readable when the device queued DMA to carry out by message:
+    /// poll it beside the socket and call [`ServerSession::next_request`] when it fires.
+    pub fn dma_wakeup_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.client.wake_fd()
+    }
+
+    /// Whether a DMA_READ / DMA_WRITE request of the server awaits the client's reply.
+    pub fn awaiting_reply(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.in_flight.is_some())
+    }
+
+    /// The next request to send to the client for the device's DMA by message: a DMA_WRITE
+    /// or DMA_READ of at most the client's `max_data_xfer_size`, or `None` when a request
+    /// awaits its reply or nothing is queued. Send it, then pass the client's messages to
+    /// [`ServerSession::handle`] until the reply came, and call this again.
+    pub fn next_request(&mut self) -> Option<Response<'_>> {
+        if self.awaiting_reply() {
+            return None;
+        }
+        let chunk = self.dma_chunk();
+        let map = self.client.windows();
+        loop {
+            let active = match self.active.take() {
+                Some(a) => a,
+                None => {
+                    let job = self.client.take_job()?;
+                    let read = match job.op {
+                        JobOp::Read(len) => Vec::with_capacity(len),
+                        JobOp::Write(_) => Vec::new(),
+                    };
+                    ActiveJob {
+                        job,
+                        done: 0,
+                        read,
+                        in_flight: None,
+                    }
+                }
+            };
+            // Checked again before every chunk: a window may have gone since the job was
+            // queued (or, for a sans-IO caller, between chunks).
+            let addr = active.job.iova + active.done as u64;
+            let left = active.job.len() - active.done;
+            if self.peer.is_none() || !map.covers(addr, left, active.job.is_write()) {
+                let message = format!(
+                    "DMA of {} bytes at {:#x}: the window was unmapped before {addr:#x} was reached",
+                    active.job.len(),
+                    active.job.iova
+                );
+                active.job.finish(Err(err(Errno::EFAULT, message)));
+                continue;
+            }
+            let id = self.next_msg_id;
+            self.next_msg_id = self.next_msg_id.wrapping_add(1);
+            let len = left.min(chunk);
+            self.active = Some(ActiveJob {
+                in_flight: Some(InFlight {
+                    msg_id: id,
+                    addr,
+                    len,
+                }),
+                ..active
+            });
+            break;
+        }
+        let active = self.active.as_ref()?;
+        let flight = active.in_flight?;
+        let chunk = active.done..active.done + flight.len;
+        let message = match &active.job.op {
+            JobOp::Write(data) => Message::request(
+                flight.msg_id,
+                Request::DmaWrite(DmaData {
+                    addr: flight.addr,
+                    data: &data[chunk.clone()],
+                }),
+            ),
+            JobOp::Read(_) => Message::request(
+                flight.msg_id,
+                Request::DmaRead(DmaAccess {
+                    addr: flight.addr,
+                    count: flight.len as u64,
+                }),
+            ),
+        };
+        self.head.clear();
+        let encoded = message
+            .encode_head(&mut self.head)
+            .map(|bulk| bulk.padding)
+            .map_err(|e| err(e.errno(), format!("encoding a DMA request: {e}")));
+        match encoded {
+            Ok(padding) => {
+                let active = self.active.as_ref()?;
+                let data = match &active.job.op {
+                    JobOp::Write(data) => &data[chunk],
+                    JobOp::Read(_) => &[],
+                };
+                Some(Response {
+                    head: &self.head,
+                    data,
+                    padding,
+                    fds: Vec::new(),
+                })
+            }
+            Err(e) => {
+                // Cannot happen for chunks within the negotiated limits; fail the job
+                // rather than send something malformed.
+                if let Some(a) = self.active.take() {
+                    a.job.finish(Err(e));
+                }
+                None
+            }
+        }
+    }
+
+    /// The largest chunk of one DMA_READ / DMA_WRITE: the client's `max_data_xfer_size`
+    /// (and never more than ours, which bounds the replies we accept).
+    fn dma_chunk(&self) -> usize {
+        let limit = self
+            .peer()
+            .max_data_xfer_size
+            .min(self.config.max_data_xfer_size)
+            .max(1);
+        usize::try_from(limit).unwrap_or(usize::MAX)
+    }
+
+    /// A reply from the client: the answer to the request in flight, or ignored.
+    fn take_reply(&mut self, header: &Header, payload: &[u8]) {
+        let expected = self.active.as_ref().and_then(|a| {
+            let cmd = if a.job.is_write() {
+                Command::DmaWrite
+            } else {
+                Command::DmaRead
+            };
+            a.in_flight.map(|f| (f, cmd))
+        });
+        let Some((flight, cmd)) =
+            expected.filter(|(f, cmd)| f.msg_id == header.msg_id && cmd.raw() == header.cmd)
+        else {
+            tracing::warn!(
+                msg_id = header.msg_id,
+                cmd = header.cmd,
+                "unexpected reply from the client, ignored"
+            );
+            return;
+        };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.in_flight = None;
+        let outcome = match Body::decode(header, payload, &self.limits) {
+            Ok(Body::Error(e)) => {
+                let errno = match e.error {
+                    1..=4095 => e.errno(),
+                    _ => Errno::EIO,
+                };
+                Err(err(
+                    errno,
+                    format!(
+                        "the client refused {cmd} of {} bytes at {:#x}",
+                        flight.len, flight.addr
+                    ),
+                ))
+            }
+            Ok(Body::Reply(Reply::DmaWrite(a)))
+                if a.addr == flight.addr && a.count == flight.len as u64 =>
+            {
+                Ok(())
+            }
+            Ok(Body::Reply(Reply::DmaRead(d)))
+                if d.addr == flight.addr && d.data.len() == flight.len =>
+            {
+                active.read.extend_from_slice(d.data);
+                Ok(())
+            }
+            Ok(_) => Err(err(
+                Errno::EIO,
+                format!(
+                    "the client's {cmd} reply does not answer {} bytes at {:#x}",
+                    flight.len, flight.addr
+                ),
+            )),
+            Err(e) => Err(err(Errno::EIO, format!("malformed {cmd} reply: {e}"))),
+        };
+        match outcome {
+            Ok(()) => {
+                active.done += flight.len;
+                if active.done == active.job.len() {
+                    if let Some(a) = self.active.take() {
+                        a.job.finish(Ok(a.read));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("device DMA by message failed: {e}");
+                if let Some(a) = self.active.take() {
+                    a.job.finish(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Fails the DMA job being carried out (its reply, if one comes, is then ignored).
+    fn fail_active(&mut self, why: &str) {
+        if let Some(a) = self.active.take() {
+            let message = format!("DMA of {} bytes at {:#x}: {why}", a.job.len(), a.job.iova);
+            a.job.finish(Err(err(Errno::EFAULT, message)));
+        }
+    }
+
     /// Handles one whole message (`message` is exactly `msg_size` bytes) with the fds that
     /// came with it, and returns the reply to send: `None` for commands sent with NO_REPLY,
-    /// for replies (this server sends no commands, so it expects none) and for fewer than 16
-    /// bytes. Every other message is answered, failures with an error reply carrying the
-    /// errno; fds a request has no use for are closed.
+    /// for replies (the answer to the server's own DMA request in flight is taken; any other
+    /// is ignored) and for fewer than 16 bytes. Every other message is answered, failures
+    /// with an error reply carrying the errno; fds a request has no use for are closed.
+    ///
+    /// While [`ServerSession::awaiting_reply`], an I/O layer should hold back the client's
+    /// commands and pass only replies, handling the commands once the reply came: a command
+    /// may wait for the device, which may be waiting for that reply.
     pub fn handle(&mut self, message: &[u8], fds: Vec<OwnedFd>) -> Option<Response<'_>> {
         let header = Header::decode(message).ok()?;
         let payload = message.get(HEADER_SIZE..).unwrap_or(&[]);
+        if matches!(header.kind(), Ok(MessageKind::Reply)) {
+            self.take_reply(&header, payload);
+            return None;
+        }
         let outcome = match Body::decode(&header, payload, &self.limits) {
             Ok(Body::Request(request)) => self.dispatch(request, fds),
             Ok(Body::Reply(_) | Body::Error(_)) => {
@@ -197,14 +492,6 @@ impl<'h> ServerSession<'h> {
                     msg_id = header.msg_id,
                     cmd = header.cmd,
                     "unexpected reply from the client, ignored"
-                );
-                return None;
-            }
-            Err(_) if matches!(header.kind(), Ok(MessageKind::Reply)) => {
-                tracing::warn!(
-                    msg_id = header.msg_id,
-                    cmd = header.cmd,
-                    "malformed reply from the client, ignored"
                 );
                 return None;
             }
@@ -246,7 +533,7 @@ impl<'h> ServerSession<'h> {
             Request::GetRegionIoFds(r) => self.region_io_fds(&r),
             Request::GetIrqInfo(i) => self.irq_info(&i),
             Request::SetIrqs(s) => self
-                .irqs
+                .irqs()
                 .set(&s, fds)
                 .map(|()| Answer::Reply(Reply::SetIrqs)),
             Request::RegionRead(a) => self.region_read(&a),
@@ -270,33 +557,49 @@ impl<'h> ServerSession<'h> {
             Err(e) => Err(e.errno()),
             Ok(answer) => self.encode(request, payload, answer),
         };
-        let data_len = match encoded {
-            Ok(n) => n,
+        let encoded = match encoded {
+            Ok(e) => e,
             Err(errno) => {
                 self.head.clear();
                 self.head
                     .extend_from_slice(&Header::error_reply_to(request, errno).to_bytes());
-                0
+                Encoded::default()
             }
         };
+        let fds = encoded
+            .fd
+            .and_then(|index| self.host.mmap(index))
+            .map(|m| m.fd.as_fd())
+            .into_iter()
+            .collect();
         Response {
             head: &self.head,
-            data: &self.data[..data_len],
-            fds: Vec::new(),
+            data: &self.data[..encoded.data_len],
+            padding: encoded.padding,
+            fds,
         }
     }
 
-    /// Writes the head of `answer` into `self.head`; returns how many bytes of `self.data`
-    /// follow it.
-    fn encode(&mut self, request: &Header, payload: &[u8], answer: Answer) -> Result<usize, Errno> {
+    /// Writes the head of `answer` into `self.head`; says what follows it.
+    fn encode(
+        &mut self,
+        request: &Header,
+        payload: &[u8],
+        answer: Answer,
+    ) -> Result<Encoded, Errno> {
         let id = request.msg_id;
+        let mut fd = None;
         let (message, data_len) = match answer {
             Answer::Reply(reply) => (Message::reply(id, reply), 0),
+            Answer::RegionInfo { reply, fd: region } => {
+                fd = region;
+                (Message::reply(id, Reply::GetRegionInfo(reply)), 0)
+            }
             Answer::Echo => {
                 let header = Header::reply_to(request, payload.len()).map_err(|e| e.errno())?;
                 self.head.extend_from_slice(&header.to_bytes());
                 self.head.extend_from_slice(payload);
-                return Ok(0);
+                return Ok(Encoded::default());
             }
             Answer::RegionRead {
                 offset,
@@ -313,13 +616,13 @@ impl<'h> ServerSession<'h> {
                 ),
                 len,
             ),
-            Answer::MigDataRead { len } => (
-                Message::reply(
-                    id,
-                    Reply::MigDataRead(MigDataReadReply::new(&self.data[..len])),
-                ),
-                len,
-            ),
+            Answer::MigDataRead { len, requested } => {
+                let mut reply = MigDataReadReply::new(&self.data[..len]);
+                if !self.peer().extension {
+                    reply.padding = u32::try_from(requested.saturating_sub(len)).unwrap_or(0);
+                }
+                (Message::reply(id, Reply::MigDataRead(reply)), len)
+            }
             Answer::FeatureGet { flags, len } => {
                 let data = FeatureData::Raw(&self.data[..len]);
                 (
@@ -347,14 +650,19 @@ impl<'h> ServerSession<'h> {
             }
         };
         let bulk = message.encode_head(&mut self.head).map_err(|e| e.errno())?;
-        debug_assert_eq!(bulk.len(), data_len);
-        Ok(data_len)
+        debug_assert_eq!(bulk.data.len(), data_len);
+        Ok(Encoded {
+            data_len,
+            padding: bulk.padding,
+            fd,
+        })
     }
 
     fn peer(&self) -> Peer {
         // dispatch() answers every command but VERSION with EINVAL before negotiation.
         self.peer.unwrap_or(Peer {
             max_data_xfer_size: 0,
+            max_msg_fds: 0,
             extension: false,
         })
     }
@@ -420,6 +728,7 @@ impl<'h> ServerSession<'h> {
         .map_err(|e| err(e.errno(), e.to_string()))?;
         self.peer = Some(Peer {
             max_data_xfer_size: client.max_data_xfer_size(),
+            max_msg_fds: client.max_msg_fds(),
             extension,
         });
         tracing::info!(
@@ -453,9 +762,26 @@ impl<'h> ServerSession<'h> {
         Ok(Answer::Echo)
     }
 
+    /// Installs the current windows. The device's guest memory is attached while windows
+    /// exist; when the last one goes, DMA by message waiting for it fails first (attaching
+    /// waits for DMA in flight, which would otherwise wait for this thread).
     fn publish(&mut self) {
-        if let Some(dma) = &self.host.device.dma {
-            self.dma.publish(dma);
+        let map = self.dma.snapshot();
+        let empty = map.is_empty();
+        self.client.set_windows(map);
+        if empty {
+            self.client.fail_queued("its window was unmapped");
+            self.fail_active("its window was unmapped");
+        }
+        let Some(dma) = &self.host.device.dma else {
+            return;
+        };
+        if empty && self.published {
+            dma.set_memory(None);
+            self.published = false;
+        } else if !empty && !self.published {
+            let memory: Arc<dyn GuestMemory> = self.client.clone();
+            dma.set_memory(Some(memory));
             self.published = true;
         }
     }
@@ -476,7 +802,7 @@ impl<'h> ServerSession<'h> {
                 format!("region {index}: a PCI device has regions 0..{NUM_REGIONS}"),
             ));
         }
-        let info = match self.host.region(index) {
+        let mut info = match self.host.region(index) {
             Some(r) => RegionInfo {
                 flags: if r.readable { REGION_INFO_FLAG_READ } else { 0 }
                     | if r.writable {
@@ -493,8 +819,31 @@ impl<'h> ServerSession<'h> {
                 ..RegionInfo::default()
             },
         };
-        let reply = RegionInfoReply::new(info, Vec::new()).fit_to(req.info.argsz);
-        Ok(Answer::Reply(Reply::GetRegionInfo(reply)))
+        // A mappable region: its areas as a sparse-mmap capability, with the region's fd
+        // beside the reply when the capability fits the client's argsz (as libvfio-user,
+        // which sends fds only with the capability). A client that takes no fds gets a
+        // region reachable by message only.
+        let mut caps = Vec::new();
+        if let Some(m) = self
+            .host
+            .mmap(index)
+            .filter(|_| self.peer().max_msg_fds >= 1)
+        {
+            info.flags |= REGION_INFO_FLAG_MMAP;
+            info.offset = m.file_offset;
+            caps.push(RegionCap::SparseMmap(
+                m.areas
+                    .iter()
+                    .map(|a| crate::codec::SparseMmapArea {
+                        offset: a.offset,
+                        size: a.size,
+                    })
+                    .collect(),
+            ));
+        }
+        let reply = RegionInfoReply::new(info, caps).fit_to(req.info.argsz);
+        let fd = (!reply.caps.is_empty()).then_some(index);
+        Ok(Answer::RegionInfo { reply, fd })
     }
 
     fn region_io_fds(&mut self, req: &RegionIoFdsRequest) -> Outcome {
@@ -529,7 +878,7 @@ impl<'h> ServerSession<'h> {
                 format!("GET_IRQ_INFO argsz {} is below 16", req.argsz),
             ));
         }
-        let Some(count) = self.irqs.count(req.index) else {
+        let Some(count) = self.irqs().count(req.index) else {
             return Err(err(
                 Errno::EINVAL,
                 format!(
@@ -911,7 +1260,10 @@ impl<'h> ServerSession<'h> {
                 }
             }
         }
-        Ok(Answer::MigDataRead { len: filled })
+        Ok(Answer::MigDataRead {
+            len: filled,
+            requested: size,
+        })
     }
 
     fn mig_data_write(&mut self, req: &MigDataWrite<'_>) -> Outcome {
@@ -964,19 +1316,27 @@ impl<'h> ServerSession<'h> {
 impl Drop for ServerSession<'_> {
     /// The client is gone: undo what it set up, leave the device's state and stream alone.
     fn drop(&mut self) {
+        // First the device's DMA by message: nothing new is accepted and whatever waits
+        // fails, so that nothing below waits for a device thread that waits for us.
+        if let Some(link) = &self.host.link {
+            link.attach(None);
+        }
+        self.client.close();
+        self.fail_active("the client went away");
         if self.logging_started {
             if let Err(e) = self.host.device.migration.dma_logging_stop() {
                 tracing::warn!("stopping the departed client's DMA logging failed: {e}");
             }
         }
         self.dma.clear();
+        self.client.set_windows(self.dma.snapshot());
         if self.published {
             if let Some(dma) = &self.host.device.dma {
                 // Waits for DMA in flight; the windows are unmapped when this returns.
                 dma.set_memory(None);
             }
         }
-        self.irqs.clear();
+        self.irqs().clear();
     }
 }
 
