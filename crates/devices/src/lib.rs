@@ -7,10 +7,13 @@
 //! * [`register`]: the smallest complete device (a few hundred bytes of registers,
 //!   STOP_COPY only), written as the example to copy;
 //! * [`fault`]: a wrapper that makes any device fail a chosen arc, read or write, or stall;
+//! * [`lvu_sample`]: a device shaped like libvfio-user's sample server (timer interrupt,
+//!   DMA by message, a mappable BAR), for interoperability tests with its sample client;
 //! * [`spec`]: the `membuf:size=256M,...` device specifications of the command line.
 #![forbid(unsafe_code)]
 
 pub mod fault;
+pub mod lvu_sample;
 pub mod membuf;
 pub mod register;
 pub mod spec;

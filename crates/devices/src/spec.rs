@@ -17,7 +17,9 @@
 //! | `dma-logging` | `on`/`off`: whether DMA dirty logging is offered | `on` |
 //! | `dma-window` | `IOVA+LEN`: where the device's completion ring is in guest memory | `0x0+64K` |
 //!
-//! register keys: `seed` (default 1). [`DeviceSpec`]'s `Display` prints a spec that parses
+//! register keys: `seed` (default 1). lvu-sample (libvfio-user's sample device, see
+//! [`crate::lvu_sample`]) keys: `bar1-size` (default `16K`, a power of two). [`DeviceSpec`]'s
+//! `Display` prints a spec that parses
 //! back to the same value, and [`DeviceSpec::build`] makes the device with the handles a
 //! transport needs to host it:
 //!
@@ -41,15 +43,18 @@ use std::sync::Arc;
 use vfio_mig_device::{Controller, DeviceError, Dma, IovaRange, MigrationDevice, RegionAccess};
 use vfio_mig_uapi::{Feature, FeaturesError, MigrationFeatures};
 
+use crate::lvu_sample::{self, LvuSampleConfig};
 use crate::membuf::{self, Membuf, MembufConfig};
 use crate::register::{RegisterConfig, RegisterDevice};
 
 /// The device kinds a spec can name.
-pub const KINDS: &str = "membuf, register";
+pub const KINDS: &str = "membuf, register, lvu-sample";
 /// The keys a `membuf` spec takes.
 pub const MEMBUF_KEYS: &str = "size, dirty-rate, features, seed, dma-logging, dma-window";
 /// The keys a `register` spec takes.
 pub const REGISTER_KEYS: &str = "seed";
+/// The keys an `lvu-sample` spec takes.
+pub const LVU_SAMPLE_KEYS: &str = "bar1-size";
 
 /// An emulated device to build, parsed from a spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,14 +63,26 @@ pub enum DeviceSpec {
     Membuf(MembufConfig),
     /// `register:...`
     Register(RegisterConfig),
+    /// `lvu-sample:...`
+    LvuSample(LvuSampleConfig),
 }
 
 impl DeviceSpec {
-    /// The device kind (`membuf`, `register`).
+    /// The device kind (`membuf`, `register`, `lvu-sample`).
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceSpec::Membuf(_) => "membuf",
             DeviceSpec::Register(_) => "register",
+            DeviceSpec::LvuSample(_) => lvu_sample::KIND,
+        }
+    }
+
+    /// Whether the device offers DMA dirty logging (what a host announces).
+    pub fn dma_logging(&self) -> bool {
+        match self {
+            DeviceSpec::Membuf(config) => config.dma_logging,
+            DeviceSpec::Register(_) => false,
+            DeviceSpec::LvuSample(_) => true,
         }
     }
 }
@@ -115,6 +132,15 @@ impl DeviceSpec {
                     migration: Arc::new(controller),
                     regions,
                     dma,
+                    membuf: None,
+                })
+            }
+            DeviceSpec::LvuSample(config) => {
+                let dev = lvu_sample::create(*config)?;
+                Ok(HostedDevice {
+                    migration: dev.migration(),
+                    regions: dev.regions(),
+                    dma: dev.dma().clone(),
                     membuf: None,
                 })
             }
@@ -174,6 +200,7 @@ impl FromStr for DeviceSpec {
         match kind.trim() {
             "membuf" => parse_membuf(&items).map(DeviceSpec::Membuf),
             "register" => parse_register(&items).map(DeviceSpec::Register),
+            "lvu-sample" => parse_lvu_sample(&items).map(DeviceSpec::LvuSample),
             other => Err(SpecError::UnknownKind(other.to_owned())),
         }
     }
@@ -246,6 +273,30 @@ fn parse_register(items: &[(&str, &str)]) -> Result<RegisterConfig, SpecError> {
         }
     }
     Ok(RegisterConfig { seed })
+}
+
+fn parse_lvu_sample(items: &[(&str, &str)]) -> Result<LvuSampleConfig, SpecError> {
+    let mut config = LvuSampleConfig::default();
+    for &(key, value) in items {
+        match key {
+            "bar1-size" => config.bar1_size = parse_size("bar1-size", value)?,
+            _ => {
+                return Err(SpecError::UnknownKey {
+                    kind: "lvu-sample",
+                    key: key.to_owned(),
+                    valid: LVU_SAMPLE_KEYS,
+                })
+            }
+        }
+    }
+    config.validate().map_err(|e| {
+        bad(
+            "bar1-size",
+            &Bytes(config.bar1_size).to_string(),
+            e.message(),
+        )
+    })?;
+    Ok(config)
 }
 
 fn bad(key: &'static str, value: &str, reason: impl Into<String>) -> SpecError {
@@ -389,6 +440,9 @@ impl fmt::Display for DeviceSpec {
                 Ok(())
             }
             DeviceSpec::Register(c) => write!(f, "register:seed={}", c.seed),
+            DeviceSpec::LvuSample(c) => {
+                write!(f, "{}:bar1-size={}", lvu_sample::KIND, Bytes(c.bar1_size))
+            }
         }
     }
 }
@@ -467,7 +521,7 @@ mod tests {
     fn errors_say_what_is_valid() {
         assert_eq!(
             err("membof:size=1M"),
-            "unknown device kind 'membof'; valid kinds: membuf, register"
+            "unknown device kind 'membof'; valid kinds: membuf, register, lvu-sample"
         );
         assert_eq!(
             err("membuf:sise=1M"),
@@ -525,6 +579,28 @@ mod tests {
             panic!("not a register spec")
         };
         assert_eq!(c.seed, 1);
+    }
+
+    #[test]
+    fn lvu_sample_specs() {
+        let spec: DeviceSpec = "lvu-sample".parse().unwrap();
+        assert_eq!(spec, DeviceSpec::LvuSample(LvuSampleConfig::default()));
+        assert_eq!(spec.kind(), "lvu-sample");
+        assert_eq!(spec.to_string(), "lvu-sample:bar1-size=16K");
+        assert!(spec.dma_logging());
+        let big: DeviceSpec = "lvu-sample:bar1-size=32K".parse().unwrap();
+        assert_eq!(big.to_string().parse::<DeviceSpec>().unwrap(), big);
+        assert!(err("lvu-sample:bar1-size=12K").contains("power of two"));
+        assert!(err("lvu-sample:bar1-size=8K").contains("power of two"));
+        assert_eq!(
+            err("lvu-sample:seed=1"),
+            "unknown key 'seed' for a lvu-sample device; valid keys: bar1-size"
+        );
+        let hosted = spec.build().unwrap();
+        assert_eq!(hosted.migration.identity().unwrap().kind, "lvu-sample");
+        assert!(hosted.regions.host_link().is_some());
+        assert!(hosted.regions.region_mmap(1).is_some());
+        assert!(hosted.regions.region_mmap(0).is_none());
     }
 
     #[test]

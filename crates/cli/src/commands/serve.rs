@@ -29,17 +29,15 @@ pub struct ServeArgs {
     pub socket: PathBuf,
 
     /// The device to serve: `membuf[:size=64M,dirty-rate=0,features=p2p+pre-copy,seed=1,
-    /// dma-logging=on,dma-window=0x0+64K]` or `register[:seed=1]`.
+    /// dma-logging=on,dma-window=0x0+64K]`, `register[:seed=1]` or
+    /// `lvu-sample[:bar1-size=16K]`.
     #[arg(long, value_name = "SPEC")]
     pub device: DeviceSpec,
 }
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let dma_logging = match &args.device {
-        DeviceSpec::Membuf(config) => config.dma_logging,
-        DeviceSpec::Register(_) => false,
-    };
+    let dma_logging = args.device.dma_logging();
     let built = args
         .device
         .build()
