@@ -84,6 +84,11 @@ struct Queue {
     jobs: VecDeque<Job>,
     /// False once the session ended: nothing more is queued.
     open: bool,
+    /// Whether the eventfd was written since the session last drained it. Changed together
+    /// with the eventfd under the queue's lock, so the session reads the eventfd only when
+    /// something was queued (no syscall per message when the device does no DMA by message)
+    /// and never leaves it readable with nothing to do.
+    signalled: bool,
 }
 
 /// The device's view of one client's memory, shared by the session (which changes the
@@ -118,6 +123,7 @@ impl ClientDma {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 open: true,
+                signalled: false,
             }),
             wake,
             session_thread: std::thread::current().id(),
@@ -143,14 +149,18 @@ impl ClientDma {
         *self.windows.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
 
-    /// Takes the next queued job (clearing the wakeup first, so none is missed).
+    /// Takes the next queued job, clearing the wakeup if it was given.
     pub(crate) fn take_job(&self) -> Option<Job> {
-        if let Some(wake) = &self.wake {
-            let mut counter = [0u8; 8];
-            // EAGAIN: nothing was signalled since the last time.
-            let _ = rustix::io::read(wake, &mut counter);
+        let mut queue = self.queue();
+        if queue.signalled {
+            queue.signalled = false;
+            if let Some(wake) = &self.wake {
+                let mut counter = [0u8; 8];
+                // Written under this lock when `signalled` was set, so it is readable.
+                let _ = rustix::io::read(wake, &mut counter);
+            }
         }
-        self.queue().jobs.pop_front()
+        queue.jobs.pop_front()
     }
 
     /// Fails every queued job with `EFAULT` saying `why`.
@@ -183,17 +193,18 @@ impl ClientDma {
             )
         })?;
         let (done, outcome) = mpsc::channel();
-        {
-            let mut queue = self.queue();
-            if !queue.open {
-                return Err(fault(format!(
-                    "DMA by message at {iova:#x}: the client went away"
-                )));
-            }
-            queue.jobs.push_back(Job { iova, op, done });
+        let mut queue = self.queue();
+        if !queue.open {
+            return Err(fault(format!(
+                "DMA by message at {iova:#x}: the client went away"
+            )));
         }
-        rustix::io::write(wake, &1u64.to_ne_bytes())
-            .map_err(|e| DeviceError::from_io("waking the session for DMA", e.into()))?;
+        if !queue.signalled {
+            rustix::io::write(wake, &1u64.to_ne_bytes())
+                .map_err(|e| DeviceError::from_io("waking the session for DMA", e.into()))?;
+            queue.signalled = true;
+        }
+        queue.jobs.push_back(Job { iova, op, done });
         Ok(outcome)
     }
 

@@ -235,7 +235,7 @@ impl Server {
         let mut session = ServerSession::new(&mut self.host, self.config);
         let limits = *session.limits();
         let mut messages = 0u64;
-        let mut held: VecDeque<(Vec<u8>, Vec<OwnedFd>)> = VecDeque::new();
+        let mut held: VecDeque<Held> = VecDeque::new();
         loop {
             if !session.awaiting_reply() {
                 if let Some(request) = session.next_request() {
@@ -244,13 +244,23 @@ impl Server {
                     }
                     continue;
                 }
-                if let Some((bytes, fds)) = held.pop_front() {
-                    if let Some(response) = session.handle(&bytes, fds) {
-                        if let Err(e) = send(&mut conn, &response) {
+                match held.pop_front() {
+                    Some(Held::Message(bytes, fds)) => {
+                        if let Some(response) = session.handle(&bytes, fds) {
+                            if let Err(e) = send(&mut conn, &response) {
+                                return stopped_or_left(&control, messages, e);
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Held::Refused(header)) => {
+                        let reply = Header::error_reply_to(&header, vfio_mig_uapi::Errno::EINVAL);
+                        if let Err(e) = conn.send(&reply.to_bytes(), &[], 0, &[]) {
                             return stopped_or_left(&control, messages, e);
                         }
+                        continue;
                     }
-                    continue;
+                    None => {}
                 }
             }
             // The device's DMA wakeup matters only when a new request may go out.
@@ -273,6 +283,11 @@ impl Server {
                     // The message was consumed and its fds closed: refuse it and go on.
                     messages += 1;
                     if header.no_reply() || header.kind().is_ok_and(|k| k == MessageKind::Reply) {
+                        continue;
+                    }
+                    if session.awaiting_reply() || !held.is_empty() {
+                        // Answered in its turn, after the commands held before it.
+                        held.push_back(Held::Refused(header));
                         continue;
                     }
                     let reply = Header::error_reply_to(&header, vfio_mig_uapi::Errno::EINVAL);
@@ -304,7 +319,7 @@ impl Server {
                         Err(e) => return left(messages, Some(e)),
                     }
                 }
-                held.push_back((bytes.to_vec(), fds));
+                held.push_back(Held::Message(bytes.to_vec(), fds));
                 continue;
             }
             // The session drops with its borrow of the host when this returns.
@@ -317,9 +332,17 @@ impl Server {
     }
 }
 
-/// Most client commands held while a server request awaits its reply; beyond, commands are
-/// refused with `EBUSY`.
+/// Most client commands held while a server request awaits its reply (at most 64 messages
+/// of the negotiated size); beyond, commands are refused at once with `EBUSY`.
 const MAX_HELD_COMMANDS: usize = 64;
+
+/// A client command held until the server's request in flight is answered.
+enum Held {
+    /// A whole message and its fds, to handle.
+    Message(Vec<u8>, Vec<OwnedFd>),
+    /// A message refused for its fds (already consumed and closed): answered `EINVAL`.
+    Refused(Header),
+}
 
 fn send(conn: &mut Connection, message: &Response<'_>) -> Result<(), SocketError> {
     conn.send(message.head, message.data, message.padding, &message.fds)

@@ -12,6 +12,13 @@
 //! * [`Server`]: binds a socket path and serves clients one after another with
 //!   [`crate::socket::Connection`], until [`StopHandle::stop`].
 //!
+//! The server also speaks first: a device raises interrupts through its
+//! [`vfio_mig_device::HostLink`] (the session signals the client's eventfds), and its DMA to a
+//! window the client mapped without an fd (or that it asks to go by message) becomes
+//! DMA_READ / DMA_WRITE requests, which the session sends one at a time while holding the
+//! client's commands until each reply came ([`ServerSession::next_request`]). A region the
+//! device offers for mapping is announced with its sparse-mmap capability and fd.
+//!
 //! What outlives a connection lives in [`DeviceHost`]: the device and its migration data
 //! stream. What a connection sets up (DMA windows, DMA logging, IRQ eventfds) is undone when
 //! the client goes away, however it goes; the device's migration state is left as it is, so a

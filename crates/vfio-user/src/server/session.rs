@@ -281,7 +281,6 @@ impl<'h> ServerSession<'h> {
             return None;
         }
         let chunk = self.dma_chunk();
-        let map = self.client.windows();
         loop {
             let active = match self.active.take() {
                 Some(a) => a,
@@ -301,6 +300,7 @@ impl<'h> ServerSession<'h> {
             };
             // Checked again before every chunk: a window may have gone since the job was
             // queued (or, for a sans-IO caller, between chunks).
+            let map = self.client.windows();
             let addr = active.job.iova + active.done as u64;
             let left = active.job.len() - active.done;
             if self.peer.is_none() || !map.covers(addr, left, active.job.is_write()) {
