@@ -31,9 +31,13 @@
 //!   shorter than 4 KiB get as much as fits.
 //! * **Migration** (STOP_COPY and PRE_COPY, the sample's stream layout): PRE_COPY streams
 //!   BAR1 as it is when read, then nothing more; STOP_COPY (from STOP, or from PRE_COPY,
-//!   where it starts again) streams BAR1 then the 8-byte BAR0 time. Resuming takes exactly
-//!   BAR1's size plus 8 bytes (more is refused at once, fewer when leaving RESUMING), then
-//!   arms the timer for the migrated time, to fire once the device runs.
+//!   where it starts again) streams BAR1 then the 8-byte BAR0 time. A saving session's data
+//!   is thus at most a BAR1 image (PRE_COPY) followed by BAR1's size plus 8 bytes (STOP_COPY):
+//!   libvfio-user's sample client sends a destination only the STOP_COPY part, a user that
+//!   sends everything (as the kernel's uAPI has it, and vfio-mig's orchestrator does) also
+//!   the PRE_COPY part. Resuming takes up to twice BAR1's size plus 8 bytes (more is refused
+//!   at once) and, when leaving RESUMING, installs the last BAR1's size plus 8 bytes (fewer is
+//!   refused), then arms the timer for the migrated time, to fire once the device runs.
 //! * **Reset**: BAR1 zeroed, BAR0 0, timer disarmed, running.
 //!
 //! ```
@@ -544,8 +548,10 @@ impl Migratable for LvuDevice {
         Ok(())
     }
 
+    /// Takes bytes up to a PRE_COPY image and a STOP_COPY stream; refuses more at once, so
+    /// the buffer never grows by an amount the sender chooses.
     fn resume_write(&mut self, buf: &[u8]) -> Result<usize, DeviceError> {
-        let total = self.shared.bar1_size + BAR0_SIZE;
+        let total = 2 * self.shared.bar1_size + BAR0_SIZE;
         let written = self
             .resume
             .as_mut()
@@ -561,21 +567,23 @@ impl Migratable for LvuDevice {
         Ok(buf.len())
     }
 
-    /// RESUMING -> STOP: BAR1 and the time take the stream's values; the timer is armed for
-    /// the time, to fire once the device runs.
+    /// RESUMING -> STOP: BAR1 and the time take the values of the STOP_COPY stream (the last
+    /// BAR1's size plus 8 bytes; any PRE_COPY image before it is superseded); the timer is
+    /// armed for the time, to fire once the device runs.
     fn resume_finish(&mut self) -> Result<(), DeviceError> {
         let total = self.shared.bar1_size + BAR0_SIZE;
         let written = self
             .resume
             .as_deref()
             .ok_or_else(|| einval("no resuming session is open".into()))?;
-        if written.len() as u64 != total {
+        if (written.len() as u64) < total {
             return Err(einval(format!(
                 "lvu-sample stream truncated: {} of {total} bytes",
                 written.len()
             )));
         }
-        let (bar1, time) = written.split_at(written.len() - BAR0_SIZE as usize);
+        let stop_copy = &written[written.len() - total as usize..];
+        let (bar1, time) = stop_copy.split_at(stop_copy.len() - BAR0_SIZE as usize);
         self.shared.bar1_write(0, bar1)?;
         let mut t = [0u8; 8];
         t.copy_from_slice(time);

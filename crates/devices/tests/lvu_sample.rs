@@ -364,9 +364,7 @@ fn bar1_and_the_timer_survive_save_and_resume() {
         .set_state(DeviceState::Resuming)
         .unwrap()
         .unwrap();
-    let e = resuming
-        .write(&[stream.as_slice(), &[0]].concat())
-        .unwrap_err();
+    let e = resuming.write(&vec![0; 2 * BAR1_SIZE + 9]).unwrap_err();
     assert_eq!(e.errno(), Errno::EINVAL);
     write_all(&mut *resuming, &stream[..100]).unwrap();
     let e = dst.migration().set_state(DeviceState::Stop).unwrap_err();
@@ -382,6 +380,49 @@ fn bar1_and_the_timer_survive_save_and_resume() {
     );
     dst.migration().set_state(DeviceState::Running).unwrap();
     assert_eq!(dst.stats().timer_fired, 0, "not due for an hour");
+}
+
+#[test]
+fn a_destination_given_the_pre_copy_data_too_installs_the_stop_copy_state() {
+    // What a uAPI user (vfio-mig's orchestrator) sends: everything the source produced.
+    let src = device();
+    src.regions()
+        .region_write(BAR1, 0, &noise(BAR1_SIZE, 1))
+        .unwrap();
+    let mut saving = src
+        .migration()
+        .set_state(DeviceState::PreCopy)
+        .unwrap()
+        .unwrap();
+    // Part of the pre-copy image only, then the guest changes BAR1 again.
+    let mut sent = vec![0u8; 5000];
+    assert_eq!(saving.read(&mut sent).unwrap(), ReadOutcome::Data(5000));
+    let last = noise(BAR1_SIZE, 2);
+    src.regions().region_write(BAR1, 0, &last).unwrap();
+    let time = now() + 3600;
+    write_time(&src, time);
+    assert!(src
+        .migration()
+        .set_state(DeviceState::StopCopy)
+        .unwrap()
+        .is_none());
+    let (rest, ended) = read_all(&mut saving, 4096);
+    assert!(ended);
+    sent.extend(rest.concat());
+    assert_eq!(sent.len(), 5000 + BAR1_SIZE + 8);
+    let dst = device();
+    let mut resuming = dst
+        .migration()
+        .set_state(DeviceState::Resuming)
+        .unwrap()
+        .unwrap();
+    write_all(&mut *resuming, &sent).unwrap();
+    dst.migration().set_state(DeviceState::Running).unwrap();
+    assert_eq!(
+        crc32fast::hash(&dst.bar1().unwrap()),
+        crc32fast::hash(&last)
+    );
+    assert_eq!(dst.timer(), (time, Some(time)));
 }
 
 #[test]
