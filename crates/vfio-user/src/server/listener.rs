@@ -428,13 +428,14 @@ fn wait_ready(
     wake: BorrowedFd<'_>,
     dma: Option<BorrowedFd<'_>>,
 ) -> io::Result<bool> {
-    let mut fds = vec![
+    // A fixed array (no allocation per message); without a DMA wakeup the third entry
+    // repeats the stop pipe.
+    let third = dma.unwrap_or(wake);
+    let mut fds = [
         PollFd::new(&socket, PollFlags::IN),
         PollFd::new(&wake, PollFlags::IN),
+        PollFd::new(&third, PollFlags::IN),
     ];
-    if let Some(dma) = &dma {
-        fds.push(PollFd::new(dma, PollFlags::IN));
-    }
     loop {
         match rustix::event::poll(&mut fds, None) {
             Ok(_) => return Ok(!fds[0].revents().is_empty()),
