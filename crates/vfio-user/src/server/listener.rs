@@ -212,6 +212,13 @@ impl Server {
             }
         };
         tracing::info!("client connected");
+        // Room for two whole MIG_DATA_READ replies: a reply the client has not taken yet
+        // does not hold up the next, so a read-ahead client overlaps this server's work on
+        // the next chunk with its own on the last. The kernel caps it at net.core.wmem_max.
+        let reply = self.config.limits().max_msg_size as usize;
+        if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&stream, 2 * reply) {
+            tracing::debug!(error = %e, "socket send buffer left as it is");
+        }
         *self.control.active() = stream.try_clone().ok();
         let served = if self.control.is_stopped() {
             Served::Stopped
