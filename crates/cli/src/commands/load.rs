@@ -6,14 +6,14 @@
 use std::io::Write;
 
 use clap::Args;
-use vfio_mig_orchestrator::{load, DestinationSummary, NamedDevice, Side};
+use vfio_mig_orchestrator::{load, NamedDevice, Side};
 
 use crate::address::{open_all, DeviceAddress, FileAddress, OpenDevice};
 use crate::app::Context;
 use crate::commands::migrate::{
-    describe_digests, destination_options, membuf_digests, migration_failed, DeviceDigest,
+    destination_options, membuf_digests, migration_failed, print_destination_result,
 };
-use crate::progress::{describe_destination, duration, run_engine, tagged_json_line, Output};
+use crate::progress::{duration, run_engine, Output};
 
 /// Arguments of `load`.
 #[derive(Clone, Debug, Args)]
@@ -32,14 +32,6 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
-#[derive(serde::Serialize)]
-struct LoadOutput<'a> {
-    #[serde(flatten)]
-    summary: &'a DestinationSummary,
-    /// Digests of the membuf devices after the load.
-    destination_digests: &'a [DeviceDigest],
-}
-
 /// Runs `load`.
 pub fn run(args: LoadArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Result<()> {
     let output = Output::from_flag(args.json);
@@ -54,25 +46,17 @@ pub fn run(args: LoadArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
     let digests = membuf_digests(&devices)?;
-    if output == Output::Json {
-        tagged_json_line(
-            out,
-            "summary",
-            &LoadOutput {
-                summary: &summary,
-                destination_digests: &digests,
-            },
-        )?;
-    } else {
-        let mut text = format!(
-            "loaded {} device(s) from {} in {}\n",
+    print_destination_result(
+        output,
+        out,
+        &summary,
+        &digests,
+        format!(
+            "loaded {} device(s) from {} in {}",
             summary.devices.len(),
             args.file,
             duration(summary.total)
-        );
-        text.push_str(&describe_destination(&summary));
-        text.push_str(&describe_digests(&digests, "after load"));
-        out.write_all(text.as_bytes())?;
-    }
-    Ok(())
+        ),
+        "after load",
+    )
 }

@@ -313,6 +313,45 @@ pub(crate) fn membuf_digests(devices: &[OpenDevice]) -> anyhow::Result<Vec<Devic
 }
 
 /// Human lines for digests: `  digest of device 0 (NAME): 0x... (WHAT)`.
+/// What a destination-side command (`receive`, `load`) prints as JSON: the engine's summary
+/// and the membuf digests after the devices run.
+#[derive(serde::Serialize)]
+struct DestinationOutput<'a> {
+    #[serde(flatten)]
+    summary: &'a vfio_mig_orchestrator::DestinationSummary,
+    /// Digests of the membuf destinations after they started.
+    destination_digests: &'a [DeviceDigest],
+}
+
+/// Prints a destination's result: one `summary` JSON line, or `headline` then the summary
+/// and the digests (`after` says when they were read).
+pub(crate) fn print_destination_result(
+    output: Output,
+    out: &mut dyn Write,
+    summary: &vfio_mig_orchestrator::DestinationSummary,
+    digests: &[DeviceDigest],
+    headline: String,
+    after: &str,
+) -> anyhow::Result<()> {
+    if output == Output::Json {
+        crate::progress::tagged_json_line(
+            out,
+            "summary",
+            &DestinationOutput {
+                summary,
+                destination_digests: digests,
+            },
+        )?;
+    } else {
+        let mut text = headline;
+        text.push('\n');
+        text.push_str(&crate::progress::describe_destination(summary));
+        text.push_str(&describe_digests(digests, after));
+        out.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
+
 pub(crate) fn describe_digests(digests: &[DeviceDigest], what: &str) -> String {
     let mut text = String::new();
     for d in digests {

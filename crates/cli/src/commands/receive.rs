@@ -12,14 +12,14 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use clap::Args;
-use vfio_mig_orchestrator::{migrate_in, DestinationSummary, Listener, NamedDevice, Side};
+use vfio_mig_orchestrator::{migrate_in, Listener, NamedDevice, Side};
 
 use crate::address::{open_all, DeviceAddress, OpenDevice, RemoteAddress};
 use crate::app::Context;
 use crate::commands::migrate::{
-    describe_digests, destination_options, membuf_digests, migration_failed, DeviceDigest,
+    destination_options, membuf_digests, migration_failed, print_destination_result,
 };
-use crate::progress::{describe_destination, duration, run_engine, tagged_json_line, Output};
+use crate::progress::{duration, run_engine, tagged_json_line, Output};
 
 /// Arguments of `receive`.
 #[derive(Clone, Debug, Args)]
@@ -41,14 +41,6 @@ pub struct ReceiveArgs {
 #[derive(serde::Serialize)]
 struct Listening {
     address: String,
-}
-
-#[derive(serde::Serialize)]
-struct ReceiveOutput<'a> {
-    #[serde(flatten)]
-    summary: &'a DestinationSummary,
-    /// Digests of the membuf destinations after the migration.
-    destination_digests: &'a [DeviceDigest],
 }
 
 /// Runs `receive`.
@@ -86,25 +78,17 @@ pub fn run(args: ReceiveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Re
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
     let digests = membuf_digests(&devices)?;
-    if output == Output::Json {
-        tagged_json_line(
-            out,
-            "summary",
-            &ReceiveOutput {
-                summary: &summary,
-                destination_digests: &digests,
-            },
-        )?;
-    } else {
-        let mut text = format!(
-            "received {} device(s) from {} in {}\n",
+    print_destination_result(
+        output,
+        out,
+        &summary,
+        &digests,
+        format!(
+            "received {} device(s) from {} in {}",
             summary.devices.len(),
             summary.transport,
             duration(summary.total)
-        );
-        text.push_str(&describe_destination(&summary));
-        text.push_str(&describe_digests(&digests, "after resume"));
-        out.write_all(text.as_bytes())?;
-    }
-    Ok(())
+        ),
+        "after resume",
+    )
 }
