@@ -1,103 +1,12 @@
 //! `info`, `state` and `inspect` of the built binary against devices served by
 //! `vfio-mig serve` child processes, and the exit codes of bad addresses and refusals.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+mod common;
+
+use common::*;
 
 use serde_json::Value;
 use vfio_mig_device::MigrationDevice;
-use vfio_mig_vfio_user::client::RemoteDevice;
-
-/// A `vfio-mig serve` child process, killed on drop.
-struct Served {
-    child: Child,
-    // Kept open: the server may write more lines.
-    _stdout: BufReader<ChildStdout>,
-    socket: PathBuf,
-}
-
-impl Served {
-    fn start(dir: &Path, name: &str, spec: &str) -> Served {
-        let socket = dir.join(format!("{name}.sock"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .args(["--device", spec])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning vfio-mig serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("serving"), "serve said: {line:?}");
-        Served {
-            child,
-            _stdout: stdout,
-            socket,
-        }
-    }
-
-    fn address(&self) -> String {
-        format!("vfio-user:{}", self.socket.display())
-    }
-
-    /// The device, over a connection of the test's own (close it before the next command).
-    fn connect(&self) -> RemoteDevice {
-        RemoteDevice::connect(&self.socket).unwrap()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A finished run of the binary.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", self.stdout))
-    }
-}
-
-fn vfio_mig(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().expect("exited"),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
-fn ok(args: &[&str]) -> Run {
-    let run = vfio_mig(args);
-    assert_eq!(
-        run.code, 0,
-        "{args:?} failed: {}\n{}",
-        run.stderr, run.stdout
-    );
-    run
-}
-
-fn digest(device: &RemoteDevice) -> u64 {
-    let mut b = [0u8; 8];
-    device.client().region_read(0, 0x10, &mut b).unwrap();
-    u64::from_le_bytes(b)
-}
 
 #[test]
 fn info_shows_a_membuf_in_text_and_json() {
