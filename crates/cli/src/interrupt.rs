@@ -1,5 +1,6 @@
 //! Ctrl-C during a migration: the first SIGINT or SIGTERM cancels the engine, which rolls
-//! the source back as after any failure; a second one exits at once.
+//! the source back (or resets the destination devices) as after any failure; a second one
+//! exits at once.
 
 use std::sync::OnceLock;
 

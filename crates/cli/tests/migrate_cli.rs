@@ -524,3 +524,40 @@ fn an_interrupted_migration_rolls_back_the_source() {
         "destination reset: {stderr}"
     );
 }
+
+#[test]
+fn an_interrupted_receive_leaves_its_device_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Served::start(dir.path(), "b", "membuf:size=64K,seed=2");
+    let before = b.look();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
+        .args(["receive", "--listen", "tcp:127.0.0.1:0"])
+        .arg(b.address())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let port: u16 = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+    // A source that connects and then says nothing: receive waits for its stream.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    assert_eq!(b.look(), before, "the destination runs untouched");
+}

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use crate::event::{
     Stage,
 };
 use crate::frames::{AckSink, Buffers, FrameSource, Payload, Record};
-use crate::source::NamedDevice;
+use crate::source::{Cancel, NamedDevice, CANCEL_POLL};
 use crate::tracked::Tracked;
 use crate::transport::{Control, DestinationEnd, Transport};
 
@@ -46,6 +47,9 @@ pub struct DestinationOptions {
     pub drain_timeout: Duration,
     /// Where events go.
     pub events: Option<EventSink>,
+    /// Cancels the migration from another thread (a signal handler): the connection is shut
+    /// down and the destination devices are reset, as after any failure.
+    pub cancel: Option<Cancel>,
 }
 
 impl Default for DestinationOptions {
@@ -57,6 +61,7 @@ impl Default for DestinationOptions {
             io_timeout: Some(Duration::from_secs(60)),
             drain_timeout: Duration::from_secs(5),
             events: None,
+            cancel: None,
         }
     }
 }
@@ -127,10 +132,36 @@ pub(crate) fn run_destination(
         ));
         return Err(engine.fail(failure, None));
     };
-    match engine.run(&mut *source) {
-        Ok(summary) => Ok(summary),
-        Err(failure) => Err(engine.fail(failure, Some(&mut *source))),
-    }
+    let finished = AtomicBool::new(false);
+    let watched_control = engine.control.clone();
+    std::thread::scope(|scope| {
+        // A cancellation shuts the connection down, which ends a read blocked on the source.
+        if let Some(cancel) = &opts.cancel {
+            let finished = &finished;
+            scope.spawn(move || {
+                while !finished.load(Ordering::SeqCst) {
+                    if cancel.is_cancelled() {
+                        watched_control.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    thread::sleep(CANCEL_POLL);
+                }
+            });
+        }
+        let result = engine.run(&mut *source);
+        finished.store(true, Ordering::SeqCst);
+        match result {
+            Ok(summary) => Ok(summary),
+            Err(failure) => {
+                let failure = if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+                    Failure::Cancelled
+                } else {
+                    failure
+                };
+                Err(engine.fail(failure, Some(&mut *source)))
+            }
+        }
+    })
 }
 
 struct DevWriter {

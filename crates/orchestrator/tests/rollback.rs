@@ -585,3 +585,40 @@ fn a_cancelled_migration_rolls_back() {
     );
     p.assert_rolled_back("cancelled");
 }
+
+#[test]
+fn a_cancelled_destination_stops_waiting_and_touches_nothing() {
+    use std::os::unix::net::UnixStream;
+    use vfio_mig_orchestrator::Cancel;
+
+    let p = Pair::new(16 * KIB, 0x7);
+    // A source that connected and then says nothing: the destination blocks reading.
+    let (dst_end, _silent_source) = UnixStream::pair().unwrap();
+    let cancel = Cancel::new();
+    let opts = DestinationOptions {
+        cancel: Some(cancel.clone()),
+        ..dst_opts()
+    };
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        cancel.cancel();
+    });
+    let err = migrate_in(
+        &[named("d", &p.dst)],
+        Transport::unix(dst_end).unwrap(),
+        &opts,
+    )
+    .unwrap_err();
+    canceller.join().unwrap();
+    assert!(
+        matches!(*err.failure, Failure::Cancelled),
+        "{}",
+        err.report()
+    );
+    assert_eq!(state(&p.dst), DeviceState::Running);
+    assert_eq!(
+        contents(&p.dst),
+        p.dst_before,
+        "nothing was written into the destination"
+    );
+}

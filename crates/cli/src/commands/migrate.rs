@@ -249,6 +249,7 @@ pub(crate) fn destination_options(allow_non_p2p: bool, events: EventSink) -> Des
     DestinationOptions {
         allow_non_p2p,
         events: Some(events),
+        cancel: crate::interrupt::interrupt_token(),
         ..DestinationOptions::default()
     }
 }
