@@ -202,3 +202,47 @@ fn a_reconnecting_orchestrator_continues_or_rolls_back() {
     drop(again);
     drop(server);
 }
+
+/// Regression: reply prefixes were once checked against the protocol's default 1 MiB
+/// instead of the negotiated limits, so transfers above 1 MiB failed with EPROTO.
+#[test]
+fn transfers_above_the_default_size_use_the_negotiated_limits() {
+    use vfio_mig_vfio_user::client::{Client, RemoteDevice};
+    use vfio_mig_vfio_user::server::{Server, ServerConfig};
+
+    const XFER: u32 = 4 << 20;
+    let (membuf, hosted) = membuf_with(config(8 * MIB, 0, 3));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.sock");
+    let config = ServerConfig {
+        max_data_xfer_size: XFER,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::bind_with(&path, hosted, config).unwrap();
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || server.serve_forever());
+    let options = ClientOptions {
+        max_data_xfer_size: XFER,
+        ..ClientOptions::default()
+    };
+    let remote = RemoteDevice::new(std::sync::Arc::new(
+        Client::connect_with(&path, options).unwrap(),
+    ));
+    assert_eq!(remote.client().negotiated().max_read, XFER);
+
+    let mut save = remote.set_state(DeviceState::StopCopy).unwrap().unwrap();
+    let mut buf = vec![0u8; XFER as usize];
+    let mut total = 0u64;
+    let mut largest = 0;
+    while let ReadOutcome::Data(n) = save.read(&mut buf).unwrap() {
+        total += n as u64;
+        largest = largest.max(n);
+    }
+    assert_eq!(total, membuf::format::full_stream_len(8 * MIB));
+    assert!(largest > 1 << 20, "reads of more than 1 MiB: {largest}");
+    drop(save);
+    drop(remote);
+    drop(membuf);
+    stop.stop();
+    thread.join().unwrap().unwrap();
+}

@@ -515,13 +515,16 @@ impl Client {
         dest: &mut [u8],
     ) -> Result<usize, ClientError> {
         let request = Request::MigDataRead(MigDataReadRequest::new(size));
+        let limits = self.negotiated.incoming;
         self.await_reply(
             wire,
             id,
             Command::MigDataRead,
             &request,
             Some(dest),
-            |answer, dest| ops::check_mig_data_read(size, answer, dest.unwrap_or_default()),
+            |answer, dest| {
+                ops::check_mig_data_read(size, &limits, answer, dest.unwrap_or_default())
+            },
         )
     }
 

@@ -6,7 +6,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use vfio_mig_uapi::{DeviceState, Errno};
 
 use super::{bad_reply, Answer, Client, ClientError};
-use crate::codec::{Command, RegionInfoReply};
+use crate::codec::{Command, Limits, RegionInfoReply};
 use crate::codec::{
     DeviceFeature, DeviceInfo, DmaLoggingControl, DmaLoggingReport, DmaMap, DmaUnmap, FeatureData,
     IovaRange, IrqInfo, IrqSet, MigDataReadRequest, Payload, RegionAccess, RegionCap, RegionData,
@@ -105,11 +105,12 @@ impl Client {
                 count: n as u32,
             };
             let request = Request::RegionRead(access);
+            let limits = &self.negotiated.incoming;
             self.exchange(
                 request,
                 &[],
                 Some(&mut buf[done..done + n]),
-                |answer, dest| check_region_read(&access, answer, dest.unwrap_or_default()),
+                |answer, dest| check_region_read(&access, limits, answer, dest.unwrap_or_default()),
             )?;
             done += n;
         }
@@ -571,6 +572,7 @@ fn describe_region(
 /// Checks a REGION_READ reply; the data is in `dest` (direct) or copied there.
 fn check_region_read(
     access: &RegionAccess,
+    limits: &Limits,
     answer: Answer<'_>,
     dest: &mut [u8],
 ) -> Result<(), ClientError> {
@@ -581,7 +583,7 @@ fn check_region_read(
             trailing,
             ..
         } => {
-            let got = RegionAccess::decode(prefix, &crate::codec::Limits::default())?;
+            let got = RegionAccess::decode(prefix, limits)?;
             if !trailing.is_empty() || got.count as usize != len {
                 return Err(bad_reply(
                     Command::RegionRead,
@@ -618,6 +620,7 @@ fn check_region_read(
 /// libvfio-user pads replies to the size asked for: trailing zeros up to that are accepted.
 pub(super) fn check_mig_data_read(
     asked: u32,
+    limits: &Limits,
     answer: Answer<'_>,
     dest: &mut [u8],
 ) -> Result<usize, ClientError> {
@@ -628,7 +631,7 @@ pub(super) fn check_mig_data_read(
             trailing,
             ..
         } => {
-            let head = MigDataReadRequest::decode(prefix, &crate::codec::Limits::default())?;
+            let head = MigDataReadRequest::decode(prefix, limits)?;
             if head.size as usize != len {
                 return Err(bad_reply(
                     Command::MigDataRead,
