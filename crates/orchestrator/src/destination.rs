@@ -75,6 +75,7 @@ impl fmt::Debug for DestinationOptions {
             .field("io_timeout", &self.io_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .field("events", &self.events.is_some())
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
