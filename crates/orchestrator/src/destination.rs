@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use vfio_mig_device::{write_all, DataStream, DeviceState, MigrationFeatures};
 use vfio_mig_stream::{check_compatibility, DecoderLimits, DeviceInfo, DeviceTotals};
 
 use crate::ack::Ack;
+use crate::buffers::{BufferMemory, PoolBuffer};
 use crate::error::{
     chain, DeviceOp, DeviceRecovery, Failure, MigrationError, Recovery, RecoveryAction,
     RecoveryOutcome,
@@ -50,6 +52,13 @@ pub struct DestinationOptions {
     /// Cancels the migration from another thread (a signal handler): the connection is shut
     /// down and the destination devices are reset, as after any failure.
     pub cancel: Option<Cancel>,
+    /// Where the chunk buffers come from instead of the heap. Once the devices are accepted,
+    /// `devices x buffers_per_device` buffers of the stream's chunk size (its header's,
+    /// at most `max_chunk`) are taken from it, payloads are read into them and the devices
+    /// written from them; they are dropped when the migration ends. A buffer it has no room
+    /// for comes from the heap. Not used by [`crate::migrate_local`], whose payloads arrive
+    /// in the source's buffers. Default `None`: all from the heap.
+    pub buffer_memory: Option<Arc<dyn BufferMemory>>,
 }
 
 impl Default for DestinationOptions {
@@ -62,6 +71,7 @@ impl Default for DestinationOptions {
             drain_timeout: Duration::from_secs(5),
             events: None,
             cancel: None,
+            buffer_memory: None,
         }
     }
 }
@@ -76,6 +86,7 @@ impl fmt::Debug for DestinationOptions {
             .field("drain_timeout", &self.drain_timeout)
             .field("events", &self.events.is_some())
             .field("cancel", &self.cancel)
+            .field("buffer_memory", &self.buffer_memory)
             .finish()
     }
 }
@@ -122,6 +133,7 @@ pub(crate) fn run_destination(
         control,
         acks,
         producer: String::new(),
+        chunk_limit: 0,
         stream_bytes: 0,
         pool: None,
         warnings: Vec::new(),
@@ -195,6 +207,8 @@ struct DestinationEngine<'a> {
     control: Control,
     acks: Option<Box<dyn AckSink>>,
     producer: String,
+    /// The largest chunk the stream's header announced.
+    chunk_limit: u32,
     stream_bytes: u64,
     /// Chunk buffers shared by all devices (created once the devices are accepted).
     pool: Option<BufferPool>,
@@ -202,7 +216,7 @@ struct DestinationEngine<'a> {
 }
 
 /// Where free chunk buffers are returned, and where they are taken from.
-type BufferPool = (SyncSender<Vec<u8>>, Receiver<Vec<u8>>);
+type BufferPool = (SyncSender<PoolBuffer>, Receiver<PoolBuffer>);
 
 impl<'a> DestinationEngine<'a> {
     fn enter(&mut self, stage: Stage) {
@@ -239,6 +253,7 @@ impl<'a> DestinationEngine<'a> {
         match record {
             Record::Header(h) => {
                 self.producer = h.producer;
+                self.chunk_limit = h.max_chunk;
                 if usize::from(h.device_count) != self.devices.len() {
                     return Err(Failure::DeviceCount {
                         stream: h.device_count,
@@ -271,7 +286,7 @@ impl<'a> DestinationEngine<'a> {
 
     /// A free buffer from the pool shared by the devices' writers; fails if a writer died
     /// (it will not give its buffers back).
-    fn take_buffer(&mut self) -> Result<Vec<u8>, Failure> {
+    fn take_buffer(&mut self) -> Result<PoolBuffer, Failure> {
         loop {
             let Some((_, pool)) = &self.pool else {
                 return Err(Failure::Panicked);
@@ -389,10 +404,25 @@ impl<'a> DestinationEngine<'a> {
         self.enter(Stage::Handshake);
         let buffers = self.devs.len() * self.opts.buffers_per_device;
         let (home, pool) = mpsc::sync_channel(buffers);
+        // Every payload of this stream fits: DATA bodies are at most the header's chunk
+        // size (the decoder checked it), and other records are not read into buffers.
+        let len = self.chunk_limit as usize;
+        let memory = self.opts.buffer_memory.as_deref();
+        let mut provided = 0;
         for _ in 0..buffers {
-            // Grown to the chunk size on first use (never, when payloads arrive in the
-            // source's buffers over an in-process link).
-            let _ = home.send(Vec::new());
+            // A heap buffer grows to the chunk size on first use (never, when payloads
+            // arrive in the source's buffers over an in-process link).
+            let buf = PoolBuffer::provided(memory, len).unwrap_or_default();
+            provided += usize::from(buf.is_provided());
+            // Cannot fail: the pool has room for every buffer and its receiver is alive.
+            let _ = home.send(buf);
+        }
+        if memory.is_some() && provided < buffers {
+            tracing::debug!(
+                "{} of the {buffers} chunk buffers come from the heap: the buffer memory had \
+                 no room for them",
+                buffers - provided
+            );
         }
         for i in 0..self.devs.len() {
             let stream = self.transition(i, DeviceState::Resuming)?;

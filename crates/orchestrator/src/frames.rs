@@ -18,6 +18,7 @@ use vfio_mig_stream::{
 };
 
 use crate::ack::{Ack, AckError};
+use crate::buffers::PoolBuffer;
 use crate::error::Failure;
 use crate::transport::Control;
 
@@ -25,19 +26,19 @@ use crate::transport::Control;
 /// buffer to its pool (or frees it once the pool is gone), so a buffer goes back to the
 /// thread that fills it from whoever consumes the chunk last, possibly the other engine.
 pub(crate) struct Payload {
-    buf: Vec<u8>,
+    buf: PoolBuffer,
     start: usize,
     len: usize,
-    home: Option<SyncSender<Vec<u8>>>,
+    home: Option<SyncSender<PoolBuffer>>,
 }
 
 impl Payload {
     /// `buf[start..start + len]`, going back to `home` when dropped.
     pub(crate) fn new(
-        buf: Vec<u8>,
+        buf: PoolBuffer,
         start: usize,
         len: usize,
-        home: Option<SyncSender<Vec<u8>>>,
+        home: Option<SyncSender<PoolBuffer>>,
     ) -> Payload {
         debug_assert!(start + len <= buf.len());
         Payload {
@@ -58,11 +59,11 @@ impl Payload {
     }
 
     /// The buffer from its start, grown to at least `len` bytes, to read a payload into
-    /// (then [`Payload::set_len`]). Grows only the first time a pooled buffer is used.
+    /// (then [`Payload::set_len`]). A heap buffer grows only the first time it is used; a
+    /// provided buffer holds the largest chunk the stream announced, and one that ever
+    /// holds less is replaced by a heap buffer (see [`PoolBuffer::ensure_len`]).
     pub(crate) fn space(&mut self, len: usize) -> &mut [u8] {
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
-        }
+        self.buf.ensure_len(len);
         self.start = 0;
         self.len = 0;
         &mut self.buf[..len]
@@ -94,7 +95,8 @@ impl Payload {
 impl Drop for Payload {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
-            // A pool has room for every buffer it owns; a closed pool lets the buffer go.
+            // A pool has room for every buffer it owns; a closed pool lets the buffer go
+            // (a provided one back to its provider).
             let _ = home.try_send(std::mem::take(&mut self.buf));
         }
     }
@@ -496,7 +498,7 @@ mod tests {
     #[test]
     fn a_dropped_payload_goes_back_to_its_pool() {
         let (home, pool) = mpsc::sync_channel(1);
-        let mut p = Payload::new(vec![0u8; 8], 2, 0, Some(home));
+        let mut p = Payload::new(vec![0u8; 8].into(), 2, 0, Some(home));
         p.fill_from(b"abc");
         assert_eq!(p.bytes(), b"abc");
         drop(p);
@@ -504,20 +506,53 @@ mod tests {
         assert_eq!(&buf[..3], b"abc");
         // Without a pool the buffer is simply freed.
         drop(pool);
-        let (home, pool) = mpsc::sync_channel::<Vec<u8>>(1);
+        let (home, pool) = mpsc::sync_channel::<PoolBuffer>(1);
         drop(pool);
-        drop(Payload::new(vec![1], 0, 1, Some(home)));
+        drop(Payload::new(vec![1].into(), 0, 1, Some(home)));
+    }
+
+    #[test]
+    fn a_provided_buffer_goes_to_its_pool_then_back_to_its_provider() {
+        use crate::buffers::tests::Counted;
+        use std::sync::atomic::Ordering;
+        let memory = Counted {
+            room: 2,
+            ..Counted::default()
+        };
+        let buf = PoolBuffer::provided(Some(&memory), 8).unwrap();
+        let at = buf.as_ptr();
+        let (home, pool) = mpsc::sync_channel(1);
+        let mut p = Payload::new(buf, 0, 0, Some(home.clone()));
+        p.fill_from(b"abcdefgh");
+        assert_eq!(p.bytes().as_ptr(), at, "read in place");
+        drop(p);
+        let buf = pool.try_recv().unwrap();
+        assert!(buf.is_provided());
+        assert_eq!(memory.back.load(Ordering::SeqCst), 0, "the pool keeps it");
+        // A payload larger than the provided buffer moves to the heap, whole.
+        let mut p = Payload::new(buf, 0, 0, Some(home));
+        p.fill_from(b"0123456789");
+        assert_eq!(p.bytes(), b"0123456789");
+        assert_eq!(memory.back.load(Ordering::SeqCst), 1);
+        drop(p);
+        assert!(!pool.try_recv().unwrap().is_provided());
+        // With the pool gone, a provided buffer goes straight back to its provider.
+        let (home, pool) = mpsc::sync_channel(1);
+        drop(pool);
+        let buf = PoolBuffer::provided(Some(&memory), 8).unwrap();
+        drop(Payload::new(buf, 0, 8, Some(home)));
+        assert_eq!(memory.back.load(Ordering::SeqCst), 2);
     }
 
     #[test]
     fn the_frame_goes_into_the_room_before_the_payload() {
-        let mut p = Payload::new(vec![9u8; FRAME_LEN + 4], FRAME_LEN, 3, None);
+        let mut p = Payload::new(vec![9u8; FRAME_LEN + 4].into(), FRAME_LEN, 3, None);
         let frame = [1u8; FRAME_LEN];
         let record = p.framed(&frame).unwrap().to_vec();
         assert_eq!(record.len(), FRAME_LEN + 3);
         assert_eq!(&record[..FRAME_LEN], &frame);
         assert_eq!(&record[FRAME_LEN..], &[9, 9, 9]);
-        let mut tight = Payload::new(vec![9u8; 4], 0, 4, None);
+        let mut tight = Payload::new(vec![9u8; 4].into(), 0, 4, None);
         assert!(tight.framed(&frame).is_none());
     }
 }

@@ -23,11 +23,14 @@
 //! JSON object each) and a final summary.
 //!
 //! Memory is bounded whatever the device state size: about `devices x buffers_per_device x
-//! chunk_size` on each side, plus one record in the destination's decoder.
+//! chunk_size` on each side, plus one record in the destination's decoder. Those chunk
+//! buffers can come from memory the caller provides ([`BufferMemory`], e.g. memory shared
+//! with the processes serving the devices) instead of the heap.
 #![forbid(unsafe_code)]
 
 pub mod ack;
 mod address;
+mod buffers;
 mod destination;
 mod error;
 mod event;
@@ -40,6 +43,7 @@ mod tracked;
 mod transport;
 
 pub use address::{Address, AddressError};
+pub use buffers::{BufferMemory, ChunkBuffer};
 pub use destination::{migrate_in, DestinationOptions};
 pub use error::{
     DeviceOp, DeviceRecovery, Failure, MigrationError, Recovery, RecoveryAction, RecoveryOutcome,

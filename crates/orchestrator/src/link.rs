@@ -553,7 +553,7 @@ mod tests {
         let (home, pool) = mpsc::sync_channel(1);
         let buf = vec![7u8; FRAME_LEN + 4];
         let at = buf.as_ptr() as usize;
-        let payload = Payload::new(buf, FRAME_LEN, 4, Some(home));
+        let payload = Payload::new(buf.into(), FRAME_LEN, 4, Some(home));
         let n = sink.data(0, Phase::StopCopy, payload, 0).unwrap();
         assert_eq!(n, (FRAME_LEN + 4) as u64);
         src.control.shutdown(Shutdown::Both);
@@ -592,13 +592,13 @@ mod tests {
         let (config, devices) = config();
         sink.start(&config, &devices).unwrap();
         let (home, pool) = mpsc::sync_channel(1);
-        let payload = Payload::new(vec![0u8; FRAME_LEN + 1], FRAME_LEN, 1, Some(home));
+        let payload = Payload::new(vec![0u8; FRAME_LEN + 1].into(), FRAME_LEN, 1, Some(home));
         sink.data(0, Phase::StopCopy, payload, 0).unwrap();
         assert!(pool.try_recv().is_err());
         drop(dst);
         assert!(pool.try_recv().is_ok());
         let (home, _pool) = mpsc::sync_channel(1);
-        let payload = Payload::new(vec![0u8; FRAME_LEN + 1], FRAME_LEN, 1, Some(home));
+        let payload = Payload::new(vec![0u8; FRAME_LEN + 1].into(), FRAME_LEN, 1, Some(home));
         assert!(matches!(
             sink.data(0, Phase::StopCopy, payload, 0),
             Err(SinkError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe

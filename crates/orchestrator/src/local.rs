@@ -19,6 +19,11 @@ use crate::transport::Transport;
 /// or passed through the kernel between them. Memory stays bounded by the source's buffer
 /// pools (devices x buffers per device x chunk size).
 ///
+/// Those buffers come from [`SourceOptions::buffer_memory`] when it is set: the source
+/// devices read into that memory and the destination devices are written from it.
+/// [`DestinationOptions::buffer_memory`] is not used (the destination engine takes no
+/// buffers of its own here), so one provider can serve both option sets.
+///
 /// On failure the error is the source engine's (it carries the destination's reason when the
 /// destination refused or failed), with the destination's recovery in
 /// [`MigrationError::peer_recovery`].
@@ -38,6 +43,12 @@ pub fn migrate_local(
     let opts = SourceOptions {
         shared_clock: true,
         ..source_opts.clone()
+    };
+    // Payloads arrive in the source's buffers: a pool of the destination's own would
+    // only hold provided memory that nothing uses.
+    let destination_opts = &DestinationOptions {
+        buffer_memory: None,
+        ..destination_opts.clone()
     };
     thread::scope(|s| {
         let dst = thread::Builder::new()

@@ -27,6 +27,7 @@ use vfio_mig_stream::{
 };
 
 use crate::ack::{Ack, AckError};
+use crate::buffers::{BufferMemory, PoolBuffer};
 use crate::error::{
     chain, DeviceOp, DeviceRecovery, Failure, MigrationError, Recovery, RecoveryAction,
     RecoveryOutcome,
@@ -105,6 +106,15 @@ pub struct SourceOptions {
     /// Cancels the migration from another thread (a signal handler, a UI): the source
     /// rolls back as after any failure, unless the stream was already complete.
     pub cancel: Option<Cancel>,
+    /// Where the chunk buffers come from instead of the heap. Each device's
+    /// `buffers_per_device` buffers, of `chunk_size` bytes plus room for a record frame in
+    /// front ([`vfio_mig_stream::FRAME_LEN`] bytes, where a byte stream writes the frame so
+    /// that frame and chunk go out in one write), are taken from it once, when the device's
+    /// reader starts, and dropped once the migration is done with them; the device reads its
+    /// data straight into them, and over [`crate::migrate_local`] the destination device is
+    /// written from them too. A buffer it has no room for comes from the heap. Default
+    /// `None`: all from the heap.
+    pub buffer_memory: Option<Arc<dyn BufferMemory>>,
 }
 
 /// A cancellation request shared between the engine and whoever may cancel it. Cheap to
@@ -148,6 +158,7 @@ impl Default for SourceOptions {
             producer: StreamConfig::default().producer,
             events: None,
             cancel: None,
+            buffer_memory: None,
         }
     }
 }
@@ -168,6 +179,7 @@ impl fmt::Debug for SourceOptions {
             .field("producer", &self.producer)
             .field("events", &self.events.is_some())
             .field("cancel", &self.cancel)
+            .field("buffer_memory", &self.buffer_memory)
             .finish()
     }
 }
@@ -665,9 +677,21 @@ impl<'a> SourceEngine<'a> {
         let k = self.opts.buffers_per_device;
         let chunk = self.opts.chunk_size as usize;
         let (home, pool) = mpsc::sync_channel(k);
+        let memory = self.opts.buffer_memory.as_deref();
+        let mut provided = 0;
         for _ in 0..k {
+            let buf = PoolBuffer::provided(memory, FRAME_LEN + chunk)
+                .unwrap_or_else(|| PoolBuffer::Heap(vec![0u8; FRAME_LEN + chunk]));
+            provided += usize::from(buf.is_provided());
             // Cannot fail: the pool has room for k buffers and its receiver is alive.
-            let _ = home.send(vec![0u8; FRAME_LEN + chunk]);
+            let _ = home.send(buf);
+        }
+        if memory.is_some() && provided < k {
+            tracing::debug!(
+                "device {i}: {} of its {k} chunk buffers come from the heap: the buffer \
+                 memory had no room for them",
+                k - provided
+            );
         }
         let d = &self.devs[i];
         let ctx = ReaderCtx {
@@ -1468,9 +1492,9 @@ struct ReaderCtx {
     stall_timeout: Option<Duration>,
     transport: String,
     tx: SyncSender<WriterMsg>,
-    home: SyncSender<Vec<u8>>,
-    pool: Receiver<Vec<u8>>,
-    spare: Option<Vec<u8>>,
+    home: SyncSender<PoolBuffer>,
+    pool: Receiver<PoolBuffer>,
+    spare: Option<PoolBuffer>,
     reports: Sender<Report>,
     cancel: Arc<AtomicBool>,
 }
@@ -1501,7 +1525,7 @@ impl ReaderCtx {
     }
 
     /// A free buffer, waiting while all are in flight.
-    fn buffer(&mut self) -> Result<Vec<u8>, Stop> {
+    fn buffer(&mut self) -> Result<PoolBuffer, Stop> {
         if let Some(b) = self.spare.take() {
             return Ok(b);
         }
