@@ -1,10 +1,24 @@
 //! Fuzzes every vfio-user decoder entry point: framing, whole messages, each payload type,
 //! and reply-to-request checking. Whatever decodes must re-encode to bytes that decode to
-//! the same value.
+//! the same value. The vfio-mig extension's data layouts too.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vfio_mig_vfio_user::codec::*;
+use vfio_mig_vfio_user::extension::{decode_precopy_info, DataBufferRegistration, SharedTransfer};
+
+/// The extension's fixed-layout data: whatever decodes re-encodes to the same bytes.
+fn extension_data(bytes: &[u8]) {
+    if let Ok(t) = SharedTransfer::decode(bytes) {
+        assert_eq!(&t.encode()[..], bytes);
+    }
+    if let Ok(r) = DataBufferRegistration::decode(bytes) {
+        assert_eq!(&r.encode()[..], bytes);
+    }
+    if let Ok(i) = decode_precopy_info(bytes) {
+        assert_eq!(&vfio_mig_vfio_user::extension::encode_precopy_info(&i)[..], bytes);
+    }
+}
 
 fn payloads(bytes: &[u8], limits: &Limits) {
     macro_rules! each {
@@ -73,6 +87,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     payloads(rest, &limits);
+    extension_data(rest);
     // Two messages back to back: a request and what may be its reply.
     let first = message(rest, &limits);
     let second = message_len(rest, &limits)

@@ -15,6 +15,12 @@
 //!   server reads a message body with one `recv` and loses its place on a short read).
 //! * **Identity**: `"identity": {"kind", "version", "compat": "<hex>"}` is the device's
 //!   [`DeviceIdentity`].
+//! * **Shared data buffer**: a server announcing `"shared_data": true` takes a shared memory
+//!   buffer from the client (DEVICE_FEATURE [`FEATURE_DATA_BUFFER`], SET with the buffer's
+//!   fd) and then moves migration data through it instead of through messages:
+//!   [`FEATURE_DATA_READ_SHARED`] (GET) is MIG_DATA_READ into the buffer,
+//!   [`FEATURE_DATA_WRITE_SHARED`] (SET) is MIG_DATA_WRITE from it. A client that registers one
+//!   buffer with two servers moves a device's state from one to the other without touching it.
 //!
 //! Plain uAPI behaviour needs no negotiation: P2P states when MIGRATION GET reports P2P, and
 //! MIG_DATA_SIZE (index 9), which a client tries and falls back from (`ENOTTY`).
@@ -39,6 +45,25 @@ pub const FEATURE_PRECOPY_INFO: u16 = 0xF001;
 /// Size of the precopy info data: `{u64 initial_bytes, u64 dirty_bytes}`.
 pub const PRECOPY_INFO_LEN: usize = 16;
 
+/// DEVICE_FEATURE index that registers the shared data buffer (SET, with its fd) or forgets
+/// it (SET, size 0, no fd). Data: [`DataBufferRegistration`].
+pub const FEATURE_DATA_BUFFER: u16 = 0xF002;
+
+/// DEVICE_FEATURE index of MIG_DATA_READ into the shared data buffer (GET). Request and reply
+/// data: [`SharedTransfer`], the reply's `count` saying how many bytes were placed.
+pub const FEATURE_DATA_READ_SHARED: u16 = 0xF003;
+
+/// DEVICE_FEATURE index of MIG_DATA_WRITE from the shared data buffer (SET). Data:
+/// [`SharedTransfer`] with `count` 0.
+pub const FEATURE_DATA_WRITE_SHARED: u16 = 0xF004;
+
+/// Size of [`DataBufferRegistration`] and [`SharedTransfer`] on the wire.
+pub const SHARED_DATA_LEN: usize = 16;
+
+/// Largest shared data buffer a server maps (1 GiB): it is the client's memory, so this only
+/// bounds the server's address space, not its allocations.
+pub const MAX_DATA_BUFFER: u64 = 1 << 30;
+
 /// Largest client-to-server payload sent to a server that did not announce whole-message
 /// reads (32 KiB: what fits one AF_UNIX buffer on the receiving side).
 pub const LEGACY_MAX_PAYLOAD: u32 = 32 * 1024;
@@ -54,6 +79,9 @@ pub struct VfioMigCapability {
     /// Server: reads every message whole, whatever its size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole_messages: Option<bool>,
+    /// Server: takes a shared data buffer and moves migration data through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_data: Option<bool>,
     /// Server: the device's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityCapability>,
@@ -96,6 +124,7 @@ impl VfioMigCapability {
             version: EXTENSION_VERSION,
             precopy_info: Some(true),
             whole_messages: Some(true),
+            shared_data: Some(true),
             identity: Some(IdentityCapability::from(identity)),
         }
     }
@@ -126,6 +155,11 @@ impl VfioMigCapability {
     /// Whether whole-message reads were offered.
     pub fn offers_whole_messages(&self) -> bool {
         self.whole_messages == Some(true)
+    }
+
+    /// Whether the shared data buffer was offered.
+    pub fn offers_shared_data(&self) -> bool {
+        self.shared_data == Some(true)
     }
 
     /// The identity offered, decoded.
@@ -187,6 +221,84 @@ pub fn decode_precopy_info(data: &[u8]) -> Result<PrecopyInfo, CodecError> {
     })
 }
 
+/// DEVICE_FEATURE [`FEATURE_DATA_BUFFER`] data: `size` bytes of the attached fd at
+/// `file_offset` become the shared data buffer; size 0 (without an fd) forgets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataBufferRegistration {
+    /// Offset of the buffer in the file.
+    pub file_offset: u64,
+    /// Buffer size in bytes.
+    pub size: u64,
+}
+
+impl DataBufferRegistration {
+    /// The 16 bytes on the wire: `u64 file_offset, u64 size`, little-endian.
+    pub fn encode(&self) -> [u8; SHARED_DATA_LEN] {
+        let mut out = [0u8; SHARED_DATA_LEN];
+        out[..8].copy_from_slice(&self.file_offset.to_le_bytes());
+        out[8..].copy_from_slice(&self.size.to_le_bytes());
+        out
+    }
+
+    /// Decodes exactly 16 bytes.
+    pub fn decode(data: &[u8]) -> Result<Self, CodecError> {
+        let b = exact(data, "shared data buffer registration")?;
+        Ok(DataBufferRegistration {
+            file_offset: u64_at(b, 0),
+            size: u64_at(b, 8),
+        })
+    }
+}
+
+/// DEVICE_FEATURE [`FEATURE_DATA_READ_SHARED`] / [`FEATURE_DATA_WRITE_SHARED`] data: `size`
+/// bytes at `offset` of the shared data buffer; in a read's reply `count` is how many bytes
+/// the server placed there (0 in requests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedTransfer {
+    /// Offset in the shared data buffer.
+    pub offset: u64,
+    /// Bytes asked for (read) or given (write).
+    pub size: u32,
+    /// Read reply: bytes placed at `offset`; 0 otherwise.
+    pub count: u32,
+}
+
+impl SharedTransfer {
+    /// The 16 bytes on the wire: `u64 offset, u32 size, u32 count`, little-endian.
+    pub fn encode(&self) -> [u8; SHARED_DATA_LEN] {
+        let mut out = [0u8; SHARED_DATA_LEN];
+        out[..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..12].copy_from_slice(&self.size.to_le_bytes());
+        out[12..].copy_from_slice(&self.count.to_le_bytes());
+        out
+    }
+
+    /// Decodes exactly 16 bytes.
+    pub fn decode(data: &[u8]) -> Result<Self, CodecError> {
+        let b = exact(data, "shared data transfer")?;
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        Ok(SharedTransfer {
+            offset: u64_at(b, 0),
+            size: word(8),
+            count: word(12),
+        })
+    }
+}
+
+fn exact<'a>(data: &'a [u8], what: &'static str) -> Result<&'a [u8; SHARED_DATA_LEN], CodecError> {
+    data.try_into().map_err(|_| CodecError::LengthMismatch {
+        what,
+        expected: SHARED_DATA_LEN,
+        actual: data.len(),
+    })
+}
+
+fn u64_at(b: &[u8; SHARED_DATA_LEN], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +325,7 @@ mod tests {
             .unwrap();
         assert_eq!(back, VfioMigCapability::client());
         assert!(!back.offers_precopy_info() && !back.offers_whole_messages());
+        assert!(!back.offers_shared_data());
         assert_eq!(back.device_identity().unwrap(), None);
     }
 
@@ -234,6 +347,7 @@ mod tests {
         assert_eq!(v.capabilities(), &caps);
         let back = VfioMigCapability::from_version(&v).unwrap().unwrap();
         assert!(back.offers_precopy_info() && back.offers_whole_messages());
+        assert!(back.offers_shared_data());
         assert_eq!(back.device_identity().unwrap(), Some(id));
     }
 
@@ -280,5 +394,35 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn shared_data_layouts() {
+        let reg = DataBufferRegistration {
+            file_offset: 0x1000,
+            size: 0x0200_0000,
+        };
+        let bytes = reg.encode();
+        assert_eq!(bytes[..8], [0, 0x10, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(bytes[8..], [0, 0, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(DataBufferRegistration::decode(&bytes).unwrap(), reg);
+        let t = SharedTransfer {
+            offset: 0x0102_0304_0506_0708,
+            size: 0x0010_0000,
+            count: 7,
+        };
+        let bytes = t.encode();
+        assert_eq!(bytes[..8], [8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(bytes[8..12], [0, 0, 0x10, 0]);
+        assert_eq!(bytes[12..], [7, 0, 0, 0]);
+        assert_eq!(SharedTransfer::decode(&bytes).unwrap(), t);
+        for len in [0, 15, 17] {
+            let data = vec![0u8; len];
+            assert!(matches!(
+                SharedTransfer::decode(&data),
+                Err(CodecError::LengthMismatch { expected: 16, .. })
+            ));
+            assert!(DataBufferRegistration::decode(&data).is_err());
+        }
     }
 }

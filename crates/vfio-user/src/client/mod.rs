@@ -20,6 +20,7 @@
 //!
 //! [`MigrationDevice`]: vfio_mig_device::MigrationDevice
 
+mod arena;
 mod ops;
 mod remote;
 
@@ -27,20 +28,25 @@ use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vfio_mig_device::DeviceError;
 use vfio_mig_uapi::Errno;
 
 use crate::codec::{
-    Body, Capabilities, CodecError, Command, Header, Limits, Message, MessageKind,
-    MigDataReadRequest, MigDataWrite, Payload, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE,
-    HEADER_SIZE, MIG_DATA_PREFIX, VERSION_MAJOR, VERSION_MINOR,
+    Body, Capabilities, CodecError, Command, DeviceFeature, FeatureData, Header, Limits, Message,
+    MessageKind, MigDataReadRequest, MigDataWrite, Payload, Reply, Request, Version,
+    DEFAULT_MAX_DATA_XFER_SIZE, FEATURE_GET, FEATURE_HEADER, FEATURE_SET, HEADER_SIZE,
+    MIG_DATA_PREFIX, VERSION_MAJOR, VERSION_MINOR,
 };
-use crate::extension::{ExtensionError, VfioMigCapability, LEGACY_MAX_PAYLOAD};
+use crate::extension::{
+    DataBufferRegistration, ExtensionError, SharedTransfer, VfioMigCapability, FEATURE_DATA_BUFFER,
+    FEATURE_DATA_READ_SHARED, FEATURE_DATA_WRITE_SHARED, LEGACY_MAX_PAYLOAD, SHARED_DATA_LEN,
+};
 use crate::socket::{Connection, Incoming, SocketError};
 
+pub use arena::{ArenaBuffer, DataArena};
 pub use ops::RegionDescription;
 pub use remote::{RemoteDevice, RemoteStream};
 
@@ -109,6 +115,16 @@ impl Negotiated {
             Some(cap) => by_xfer.min((cap as usize).saturating_sub(prefix)).max(1),
             None => by_xfer.max(1),
         }
+    }
+
+    /// Whether the server takes a shared data buffer (extension features `0xF002`-`0xF004`)
+    /// and can be sent its fd.
+    pub fn shared_data(&self) -> bool {
+        self.max_fds >= 1
+            && self
+                .extension
+                .as_ref()
+                .is_some_and(VfioMigCapability::offers_shared_data)
     }
 
     /// Whether the server answers precopy info (extension feature `0xF001`).
@@ -221,6 +237,8 @@ struct Wire {
     next_id: u16,
     broken: Option<String>,
     ahead: Pipeline,
+    /// The shared data buffer registered with the server.
+    arena: Option<Arc<DataArena>>,
 }
 
 /// Requests sent before their reply is needed, so that the server works while the caller
@@ -287,6 +305,16 @@ enum Answer<'a> {
 pub struct Client {
     wire: Mutex<Wire>,
     negotiated: Negotiated,
+    counters: Mutex<DataCounters>,
+}
+
+/// Migration data moved over a connection so far, by path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataCounters {
+    /// Bytes carried in MIG_DATA_READ / MIG_DATA_WRITE messages.
+    pub by_message: u64,
+    /// Bytes moved through the shared data buffer.
+    pub shared: u64,
 }
 
 impl fmt::Debug for Client {
@@ -342,14 +370,30 @@ impl Client {
                 next_id: 1,
                 broken: None,
                 ahead: Pipeline::default(),
+                arena: None,
             }),
             negotiated,
+            counters: Mutex::default(),
         })
     }
 
     /// What negotiation settled.
     pub fn negotiated(&self) -> &Negotiated {
         &self.negotiated
+    }
+
+    /// Migration data moved so far, by path.
+    pub fn data_counters(&self) -> DataCounters {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, bytes: usize, shared: bool) {
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if shared {
+            c.shared += bytes as u64;
+        } else {
+            c.by_message += bytes as u64;
+        }
     }
 
     /// Whether an earlier failure made the connection unusable.
@@ -375,13 +419,138 @@ impl Client {
     ) -> Result<T, ClientError> {
         let mut wire = self.usable_wire()?;
         self.drain_pipeline(&mut wire)?;
+        self.exchange_on(&mut wire, request, fds, dest, handle)
+    }
+
+    /// [`Client::exchange`] on a wire already locked, with nothing outstanding.
+    fn exchange_on<T>(
+        &self,
+        wire: &mut Wire,
+        request: Request<'_>,
+        fds: &[BorrowedFd<'_>],
+        dest: Option<&mut [u8]>,
+        handle: impl FnOnce(Answer<'_>, Option<&mut [u8]>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let command = request.command();
         let message = Message::request(wire.take_id(), request);
-        send(&mut wire, &message, fds)?;
+        send(wire, &message, fds)?;
         let Body::Request(request) = &message.body else {
             unreachable!("Message::request builds a request body");
         };
-        self.await_reply(&mut wire, message.msg_id, command, request, dest, handle)
+        self.await_reply(wire, message.msg_id, command, request, dest, handle)
+    }
+
+    /// Registers `arena` as the server's shared data buffer, so that data streams move
+    /// chunks in [`ArenaBuffer`]s of it through shared memory instead of messages.
+    /// `Ok(false)` (nothing sent) when the server does not offer the extension; registering
+    /// replaces an earlier arena. Other buffers still go by message.
+    pub fn attach_data_arena(&self, arena: &Arc<DataArena>) -> Result<bool, ClientError> {
+        if !self.negotiated.shared_data() {
+            return Ok(false);
+        }
+        let reg = DataBufferRegistration {
+            file_offset: 0,
+            size: arena.len() as u64,
+        }
+        .encode();
+        let request = DeviceFeature::new(FEATURE_SET, FEATURE_DATA_BUFFER, FeatureData::Raw(&reg));
+        let mut wire = self.usable_wire()?;
+        self.drain_pipeline(&mut wire)?;
+        self.exchange_on(
+            &mut wire,
+            Request::DeviceFeature(request),
+            &[arena.fd()],
+            None,
+            feature_echo,
+        )?;
+        wire.arena = Some(Arc::clone(arena));
+        Ok(true)
+    }
+
+    /// Unregisters the shared data buffer, if one is registered; data goes by message again.
+    pub fn detach_data_arena(&self) -> Result<(), ClientError> {
+        let mut wire = self.usable_wire()?;
+        if wire.arena.is_none() {
+            return Ok(());
+        }
+        self.drain_pipeline(&mut wire)?;
+        let reg = DataBufferRegistration {
+            file_offset: 0,
+            size: 0,
+        }
+        .encode();
+        let request = DeviceFeature::new(FEATURE_SET, FEATURE_DATA_BUFFER, FeatureData::Raw(&reg));
+        wire.arena = None;
+        self.exchange_on(
+            &mut wire,
+            Request::DeviceFeature(request),
+            &[],
+            None,
+            feature_echo,
+        )
+    }
+
+    /// The arena registered with the server, if any.
+    pub fn data_arena(&self) -> Option<Arc<DataArena>> {
+        self.lock_wire().arena.clone()
+    }
+
+    /// One shared-buffer transfer (`index`: read or write) of `size` bytes at `offset` of
+    /// the arena; returns the reply's count for a read.
+    fn shared_transfer(
+        &self,
+        wire: &mut Wire,
+        index: u16,
+        offset: u64,
+        size: u32,
+    ) -> Result<usize, ClientError> {
+        let ask = SharedTransfer {
+            offset,
+            size,
+            count: 0,
+        };
+        let bytes = ask.encode();
+        let read = index == FEATURE_DATA_READ_SHARED;
+        let ops = if read { FEATURE_GET } else { FEATURE_SET };
+        let request = DeviceFeature::new(ops, index, FeatureData::Raw(&bytes));
+        debug_assert_eq!(request.argsz as usize, FEATURE_HEADER + SHARED_DATA_LEN);
+        self.exchange_on(
+            wire,
+            Request::DeviceFeature(request),
+            &[],
+            None,
+            |answer, _| {
+                let Answer::Reply(Reply::DeviceFeature(reply), _) = answer else {
+                    return Err(bad_reply(
+                        Command::DeviceFeature,
+                        "not a DEVICE_FEATURE reply",
+                    ));
+                };
+                let FeatureData::Raw(data) = reply.data else {
+                    return Err(bad_reply(
+                        Command::DeviceFeature,
+                        "shared data transfer reply without its data",
+                    ));
+                };
+                let got = SharedTransfer::decode(data)?;
+                if got.offset != offset || got.size != size {
+                    return Err(bad_reply(
+                        Command::DeviceFeature,
+                        "shared data transfer reply names another range",
+                    ));
+                }
+                if !read {
+                    return Ok(size as usize);
+                }
+                if got.count > size {
+                    return Err(bad_reply(
+                        Command::DeviceFeature,
+                        format!("shared read placed {} bytes of {size} asked", got.count),
+                    ));
+                }
+                Ok(got.count as usize)
+            },
+        )
     }
 
     /// The wire, unless an earlier failure broke it.
@@ -562,6 +731,26 @@ impl Client {
         if matches!(wire.ahead.pending, Some(Outstanding::Read(..))) {
             self.drain_pipeline(&mut wire)?;
         }
+        let shared_n = data.len().min(self.negotiated.max_read as usize);
+        let shared = wire
+            .arena
+            .as_ref()
+            .and_then(|a| a.offset_of(&data[..shared_n]));
+        if let Some(offset) = shared {
+            // Never posted: the caller may reuse the buffer as soon as this returns, and the
+            // server reads it only while handling the request.
+            if let Some(Outstanding::Write(previous)) = wire.ahead.pending.take() {
+                self.await_write(&mut wire, previous)?;
+            }
+            let n = self.shared_transfer(
+                &mut wire,
+                FEATURE_DATA_WRITE_SHARED,
+                offset,
+                shared_n as u32,
+            )?;
+            self.count(n, true);
+            return Ok(n);
+        }
         let n = data.len().min(self.negotiated.write_chunk(MIG_DATA_PREFIX));
         let id = wire.take_id();
         let message = Message::request(id, Request::MigDataWrite(MigDataWrite::new(&data[..n])));
@@ -580,6 +769,7 @@ impl Client {
         } else {
             self.await_write(&mut wire, id)?;
         }
+        self.count(n, false);
         Ok(n)
     }
 
@@ -613,6 +803,7 @@ impl Client {
                                 end,
                             });
                         }
+                        self.count(n, false);
                         Ok(n)
                     }
                     Stashed::Error(errno) => Err(ClientError::Remote {
@@ -633,6 +824,18 @@ impl Client {
             Some(Outstanding::Read(id, size)) => (id, size),
             _ => {
                 let size = buf.len().min(self.negotiated.max_read as usize) as u32;
+                let shared = wire
+                    .arena
+                    .as_ref()
+                    .and_then(|a| a.offset_of(&buf[..size as usize]));
+                if let Some(offset) = shared {
+                    // The server writes the bytes into `buf` itself; no read-ahead (the next
+                    // buffer is not known yet).
+                    let n =
+                        self.shared_transfer(&mut wire, FEATURE_DATA_READ_SHARED, offset, size)?;
+                    self.count(n, true);
+                    return Ok(n);
+                }
                 let id = wire.take_id();
                 let message =
                     Message::request(id, Request::MigDataRead(MigDataReadRequest::new(size)));
@@ -650,6 +853,7 @@ impl Client {
                 wire.ahead.pending = Some(Outstanding::Read(next, size));
             }
         }
+        self.count(n, false);
         Ok(n)
     }
 
@@ -664,6 +868,17 @@ impl Client {
         wire.ahead.pending = None;
         wire.ahead.stash = None;
         wire.ahead.write_error = None;
+    }
+}
+
+/// The handler of a DEVICE_FEATURE SET whose reply echoes the request.
+fn feature_echo(answer: Answer<'_>, _: Option<&mut [u8]>) -> Result<(), ClientError> {
+    match answer {
+        Answer::Reply(Reply::DeviceFeature(_), _) => Ok(()),
+        _ => Err(bad_reply(
+            Command::DeviceFeature,
+            "not a DEVICE_FEATURE reply",
+        )),
     }
 }
 

@@ -186,6 +186,11 @@ impl MappedRegion {
         })
     }
 
+    /// Window length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Whether the file is sealed against shrinking.
     pub fn is_sealed(&self) -> bool {
         self.sealed

@@ -12,6 +12,7 @@ use vfio_mig_uapi::Errno;
 use super::client_dma::{ClientDma, Job, JobOp, SessionServices};
 use super::dma::DmaTable;
 use super::irq::IrqTable;
+use super::memory::MappedRegion;
 use super::{DeviceHost, ServerConfig, NUM_IRQ_INDICES, NUM_REGIONS};
 use crate::codec::{
     Body, Capabilities, Command, DeviceFeature, DeviceInfo, DmaAccess, DmaData, DmaLoggingReport,
@@ -25,8 +26,9 @@ use crate::codec::{
     REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::extension::{
-    encode_precopy_info, VfioMigCapability, EXTENSION_VERSION, FEATURE_PRECOPY_INFO,
-    PRECOPY_INFO_LEN,
+    encode_precopy_info, DataBufferRegistration, SharedTransfer, VfioMigCapability,
+    EXTENSION_VERSION, FEATURE_DATA_BUFFER, FEATURE_DATA_READ_SHARED, FEATURE_DATA_WRITE_SHARED,
+    FEATURE_PRECOPY_INFO, MAX_DATA_BUFFER, PRECOPY_INFO_LEN, SHARED_DATA_LEN,
 };
 
 /// A message to send: `head`, then `data`, then `padding` zero bytes, with `fds` attached.
@@ -184,6 +186,8 @@ pub struct ServerSession<'h> {
     data: Vec<u8>,
     /// DMA_LOGGING_REPORT bitmap words.
     bitmap: Vec<u64>,
+    /// The client's shared data buffer (extension feature `0xF002`), mapped.
+    shared: Option<MappedRegion>,
 }
 
 impl std::fmt::Debug for ServerSession<'_> {
@@ -227,6 +231,7 @@ impl<'h> ServerSession<'h> {
             head: Vec::with_capacity(256),
             data: Vec::new(),
             bitmap: Vec::new(),
+            shared: None,
         }
     }
 
@@ -507,7 +512,11 @@ impl<'h> ServerSession<'h> {
     }
 
     fn dispatch(&mut self, request: Request<'_>, fds: Vec<OwnedFd>) -> Outcome {
-        let takes_fds = matches!(request, Request::DmaMap(_) | Request::SetIrqs(_));
+        let takes_fds = match &request {
+            Request::DmaMap(_) | Request::SetIrqs(_) => true,
+            Request::DeviceFeature(f) => f.index() == FEATURE_DATA_BUFFER,
+            _ => false,
+        };
         if !takes_fds && !fds.is_empty() {
             return Err(err(
                 Errno::EINVAL,
@@ -544,7 +553,7 @@ impl<'h> ServerSession<'h> {
             )),
             Request::DeviceReset => self.reset(),
             Request::RegionWriteMulti(w) => self.write_multi(&w),
-            Request::DeviceFeature(f) => self.device_feature(&f),
+            Request::DeviceFeature(f) => self.device_feature(&f, fds),
             Request::MigDataRead(r) => self.mig_data_read(&r),
             Request::MigDataWrite(w) => self.mig_data_write(&w),
         }
@@ -984,7 +993,7 @@ impl<'h> ServerSession<'h> {
     /// a feature this device does not have, then the feature's own checks with vfio-user's
     /// payload sizes (ranges and bitmaps travel inline, so START needs 16 bytes and REPORT 24,
     /// not the kernel's structs with pointers).
-    fn device_feature(&mut self, f: &DeviceFeature<'_>) -> Outcome {
+    fn device_feature(&mut self, f: &DeviceFeature<'_>, fds: Vec<OwnedFd>) -> Outcome {
         let header = FeatureHeader::parse(f.argsz, f.flags).map_err(|e| {
             err(
                 e,
@@ -1003,6 +1012,9 @@ impl<'h> ServerSession<'h> {
             FEATURE_PRECOPY_INFO if self.peer().extension && self.host.features.pre_copy() => {
                 (FEATURE_GET, PRECOPY_INFO_LEN)
             }
+            FEATURE_DATA_BUFFER if self.peer().extension => (FEATURE_SET, SHARED_DATA_LEN),
+            FEATURE_DATA_READ_SHARED if self.peer().extension => (FEATURE_GET, SHARED_DATA_LEN),
+            FEATURE_DATA_WRITE_SHARED if self.peer().extension => (FEATURE_SET, SHARED_DATA_LEN),
             _ => {
                 return Err(err(
                     Errno::ENOTTY,
@@ -1016,6 +1028,12 @@ impl<'h> ServerSession<'h> {
                 format!("DEVICE_FEATURE {index:#x} with flags {:#x}", f.flags),
             )
         })?;
+        if !fds.is_empty() && request.op() != FeatureOp::Set {
+            return Err(err(
+                Errno::EINVAL,
+                "only a shared data buffer SET carries a file descriptor",
+            ));
+        }
         match (index, request.op()) {
             (_, FeatureOp::Probe) => Ok(Answer::Echo),
             (FEATURE_MIGRATION, _) => Ok(Answer::Reply(Reply::DeviceFeature(feature_reply(
@@ -1065,6 +1083,20 @@ impl<'h> ServerSession<'h> {
                 _ => Err(err(Errno::EINVAL, "DMA_LOGGING_REPORT without its range")),
             },
             (FEATURE_PRECOPY_INFO, _) => self.precopy_info(f.flags),
+            (FEATURE_DATA_BUFFER, _) => {
+                let reg = decode_raw(f, DataBufferRegistration::decode)?;
+                self.register_shared(&reg, fds)?;
+                Ok(Answer::Echo)
+            }
+            (FEATURE_DATA_READ_SHARED, _) => {
+                let t = decode_raw(f, SharedTransfer::decode)?;
+                self.shared_read(f.flags, &t)
+            }
+            (FEATURE_DATA_WRITE_SHARED, _) => {
+                let t = decode_raw(f, SharedTransfer::decode)?;
+                self.shared_write(&t)?;
+                Ok(Answer::Echo)
+            }
             _ => Err(err(Errno::ENOTTY, format!("feature {index:#x}"))),
         }
     }
@@ -1234,10 +1266,20 @@ impl<'h> ServerSession<'h> {
                 ),
             ));
         }
+        let size = req.size as usize;
+        let filled = self.read_device(size)?;
+        Ok(Answer::MigDataRead {
+            len: filled,
+            requested: size,
+        })
+    }
+
+    /// Reads up to `size` bytes of migration data into `data[..size]` (the caller checked
+    /// the state and `size` against the limits); returns how many.
+    fn read_device(&mut self, size: usize) -> Result<usize, DeviceError> {
         if let Some(e) = self.host.deferred_read_error.take() {
             return Err(e);
         }
-        let size = req.size as usize;
         if self.data.len() < size {
             self.data.resize(size, 0);
         }
@@ -1260,10 +1302,7 @@ impl<'h> ServerSession<'h> {
                 }
             }
         }
-        Ok(Answer::MigDataRead {
-            len: filled,
-            requested: size,
-        })
+        Ok(filled)
     }
 
     fn mig_data_write(&mut self, req: &MigDataWrite<'_>) -> Outcome {
@@ -1293,24 +1332,188 @@ impl<'h> ServerSession<'h> {
                 ),
             ));
         }
-        if let Some(errno) = self.host.failed_write {
-            return Err(err(
-                errno,
-                "an earlier MIG_DATA_WRITE of this resuming session failed; leave RESUMING or reset",
-            ));
-        }
-        let stream = self
-            .host
-            .stream
-            .as_mut()
-            .ok_or_else(|| err(Errno::EINVAL, "no resuming session is open"))?;
-        if let Err(e) = vfio_mig_device::write_all(stream.as_mut(), req.data) {
-            // Part of the data may be in; a later write would land at the wrong place.
-            self.host.failed_write = Some(e.errno());
-            return Err(e);
-        }
+        write_device(self.host, req.data)?;
         Ok(Answer::Reply(Reply::MigDataWrite))
     }
+
+    // ---- The shared data buffer (extension) ----
+
+    /// Maps the client's buffer (replacing an earlier one) or, for size 0 without an fd,
+    /// forgets it.
+    fn register_shared(
+        &mut self,
+        reg: &DataBufferRegistration,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), DeviceError> {
+        let mut fds = fds.into_iter();
+        let (fd, extra) = (fds.next(), fds.next());
+        if extra.is_some() {
+            return Err(err(
+                Errno::EINVAL,
+                "a shared data buffer comes with exactly one fd",
+            ));
+        }
+        match fd {
+            None if reg.size == 0 => {
+                self.shared = None;
+                tracing::debug!("shared data buffer forgotten");
+                Ok(())
+            }
+            None => Err(err(
+                Errno::EINVAL,
+                "a shared data buffer of non-zero size needs its fd",
+            )),
+            Some(_) if reg.size == 0 || reg.size > MAX_DATA_BUFFER => Err(err(
+                Errno::EINVAL,
+                format!(
+                    "shared data buffer of {} bytes: from 1 byte to {MAX_DATA_BUFFER}",
+                    reg.size
+                ),
+            )),
+            Some(fd) => {
+                let region = MappedRegion::map(fd, reg.file_offset, reg.size, true, true)
+                    .map_err(|e| err(e.errno(), e.to_string()))?;
+                tracing::debug!(
+                    size = reg.size,
+                    sealed = region.is_sealed(),
+                    "shared data buffer mapped"
+                );
+                self.shared = Some(region);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks that a buffer is registered and `t` lies inside it, within the transfer limit.
+    fn check_shared(&self, t: &SharedTransfer, what: &str) -> Result<(), DeviceError> {
+        let region = self.shared.as_ref().ok_or_else(|| {
+            err(
+                Errno::EINVAL,
+                format!("{what}: no shared data buffer is registered"),
+            )
+        })?;
+        if t.size > self.mig_data_limit() {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "{what} of {} bytes exceeds max_data_xfer_size {}",
+                    t.size,
+                    self.mig_data_limit()
+                ),
+            ));
+        }
+        if t.count != 0 {
+            return Err(err(Errno::EINVAL, format!("{what}: count must be 0")));
+        }
+        let inside = t
+            .offset
+            .checked_add(u64::from(t.size))
+            .is_some_and(|end| end <= region.len() as u64);
+        if !inside {
+            return Err(err(
+                Errno::EINVAL,
+                format!(
+                    "{what}: {} bytes at {:#x} lie outside the {}-byte buffer",
+                    t.size,
+                    t.offset,
+                    region.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// MIG_DATA_READ into the shared buffer: as many bytes as the device has now, up to
+    /// `t.size`, at `t.offset`; the reply's `count` says how many.
+    fn shared_read(&mut self, flags: u32, t: &SharedTransfer) -> Outcome {
+        const WHAT: &str = "shared MIG_DATA_READ";
+        let state = self.host.device.migration.state()?;
+        if !state.is_saving() {
+            return Err(err(
+                Errno::EINVAL,
+                format!("{WHAT} in {state}: only in pre-copy and stop-copy states"),
+            ));
+        }
+        self.check_shared(t, WHAT)?;
+        let filled = self.read_device(t.size as usize)?;
+        if let Some(region) = &self.shared {
+            if let Err(errno) = region.write(t.offset, &self.data[..filled]) {
+                // The client shrank its file under us: the bytes read are lost with it.
+                self.host.deferred_read_error = None;
+                return Err(err(errno, format!("{WHAT}: the shared buffer is gone")));
+            }
+        }
+        let reply = SharedTransfer {
+            count: filled as u32,
+            ..*t
+        };
+        self.data_buf(SHARED_DATA_LEN)
+            .copy_from_slice(&reply.encode());
+        Ok(Answer::FeatureGet {
+            flags,
+            len: SHARED_DATA_LEN,
+        })
+    }
+
+    /// MIG_DATA_WRITE from the shared buffer: `t.size` bytes at `t.offset` into the device.
+    fn shared_write(&mut self, t: &SharedTransfer) -> Result<(), DeviceError> {
+        const WHAT: &str = "shared MIG_DATA_WRITE";
+        let state = self.host.device.migration.state()?;
+        if state != DeviceState::Resuming {
+            return Err(err(
+                Errno::EINVAL,
+                format!("{WHAT} in {state}: only in resuming"),
+            ));
+        }
+        self.check_shared(t, WHAT)?;
+        let size = t.size as usize;
+        if self.data.len() < size {
+            self.data.resize(size, 0);
+        }
+        let Some(region) = &self.shared else {
+            return Err(err(Errno::EINVAL, "no shared data buffer"));
+        };
+        // Copied out first: the client may change its buffer at any time, the device must
+        // see one consistent chunk.
+        region
+            .read(t.offset, &mut self.data[..size])
+            .map_err(|errno| err(errno, format!("{WHAT}: the shared buffer is gone")))?;
+        write_device(self.host, &self.data[..size])
+    }
+}
+
+/// The data of an extension feature, decoded with `decode`.
+fn decode_raw<T>(
+    f: &DeviceFeature<'_>,
+    decode: fn(&[u8]) -> Result<T, crate::codec::CodecError>,
+) -> Result<T, DeviceError> {
+    match f.data {
+        FeatureData::Raw(bytes) => decode(bytes).map_err(|e| err(e.errno(), e.to_string())),
+        _ => Err(err(
+            Errno::EINVAL,
+            format!("DEVICE_FEATURE {:#x} without its data", f.index()),
+        )),
+    }
+}
+
+/// Passes `data` to the resuming session's device; a failure ends the session's writes
+/// (part of the data may be in, so a later write would land at the wrong place).
+fn write_device(host: &mut DeviceHost, data: &[u8]) -> Result<(), DeviceError> {
+    if let Some(errno) = host.failed_write {
+        return Err(err(
+            errno,
+            "an earlier MIG_DATA_WRITE of this resuming session failed; leave RESUMING or reset",
+        ));
+    }
+    let stream = host
+        .stream
+        .as_mut()
+        .ok_or_else(|| err(Errno::EINVAL, "no resuming session is open"))?;
+    if let Err(e) = vfio_mig_device::write_all(stream.as_mut(), data) {
+        host.failed_write = Some(e.errno());
+        return Err(e);
+    }
+    Ok(())
 }
 
 impl Drop for ServerSession<'_> {
