@@ -9,6 +9,7 @@
 pub mod address;
 pub mod app;
 pub mod commands;
+pub mod data_path;
 pub mod exit;
 mod interrupt;
 pub mod progress;

@@ -33,6 +33,8 @@ use vfio_mig_orchestrator::{
 };
 use vfio_mig_uapi::MigrationFeatures;
 use vfio_mig_vfio_user::client::{Client, RemoteDevice};
+
+use crate::data_path::DataPathTotals;
 use vfio_mig_vfio_user::server::{HostedDevice, Server, StopHandle};
 
 use crate::app::Context;
@@ -65,6 +67,10 @@ pub struct DemoArgs {
     /// remaining state can move within it.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     pub downtime_limit: u64,
+
+    /// How device data travels.
+    #[command(flatten)]
+    pub data_path: crate::data_path::DataPathArg,
 
     /// Print the engines' events and the summary as JSON, one object per line.
     #[arg(long)]
@@ -164,6 +170,10 @@ pub fn run(args: DemoArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
             digest_before: Some(Digest(destination_digest_before)),
         },
         migration,
+        data_path: DemoDataPath {
+            source: DataPathTotals::of_clients(std::iter::once(source.client())),
+            destination: DataPathTotals::of_clients(std::iter::once(destination.client())),
+        },
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
     };
     if args.json {
@@ -200,9 +210,21 @@ fn migrate(
         // The receiver lives until the migration has returned; a send cannot fail earlier.
         let _ = tx.send(event.clone());
     });
+    let clients = [
+        (source.address.clone(), source.client()),
+        (destination.address.clone(), destination.client()),
+    ];
+    let defaults = SourceOptions::default();
+    let buffer_memory = crate::data_path::attach(
+        &clients,
+        defaults.buffers_per_device,
+        defaults.chunk_size as usize,
+        args.data_path.data_path,
+    )?;
     let source_opts = SourceOptions {
         downtime_limit: Duration::from_millis(args.downtime_limit),
         shared_clock: true,
+        buffer_memory,
         events: Some(Arc::clone(&sink)),
         ..SourceOptions::default()
     };
@@ -465,7 +487,15 @@ struct DemoReport {
     source: Side,
     destination: Side,
     migration: LocalSummary,
+    data_path: DemoDataPath,
     total_ms: f64,
+}
+
+/// How the data travelled on each side.
+#[derive(Debug, Serialize)]
+struct DemoDataPath {
+    source: DataPathTotals,
+    destination: DataPathTotals,
 }
 
 impl DemoReport {
@@ -543,6 +573,16 @@ impl DemoReport {
                 ),
                 None => "not measured".into(),
             },
+        );
+        row(
+            "data path",
+            format!(
+                "{} through shared memory, {} in messages (source and destination)",
+                Bytes(self.data_path.source.shared_bytes + self.data_path.destination.shared_bytes),
+                Bytes(
+                    self.data_path.source.message_bytes + self.data_path.destination.message_bytes
+                )
+            ),
         );
         row("total time", format!("{:.2} s", self.total_ms / 1000.0));
         row(

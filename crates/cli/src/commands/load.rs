@@ -11,7 +11,8 @@ use vfio_mig_orchestrator::{load, NamedDevice, Side};
 use crate::address::{open_all, DeviceAddress, FileAddress, OpenDevice};
 use crate::app::Context;
 use crate::commands::migrate::{
-    destination_options, membuf_digests, migration_failed, print_destination_result,
+    destination_buffers, destination_options, membuf_digests, migration_failed,
+    print_destination_result,
 };
 use crate::progress::{duration, run_engine, Output};
 
@@ -27,6 +28,9 @@ pub struct LoadArgs {
     /// Accept several devices even if some lack P2P.
     #[arg(long)]
     pub allow_non_p2p: bool,
+    /// How device data travels.
+    #[command(flatten)]
+    pub data_path: crate::data_path::DataPathArg,
     /// One JSON object per line on stdout: every event, then the summary.
     #[arg(long)]
     pub json: bool,
@@ -37,11 +41,12 @@ pub fn run(args: LoadArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
     let output = Output::from_flag(args.json);
     let devices = open_all(&args.devices)?;
     let named: Vec<NamedDevice> = devices.iter().map(OpenDevice::named).collect();
+    let memory = destination_buffers(&devices, args.data_path)?;
     let result = run_engine(output, Side::Destination, out, |sink| {
         load(
             &args.file.0,
             &named,
-            &destination_options(args.allow_non_p2p, sink),
+            &destination_options(args.allow_non_p2p, sink, memory),
         )
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
@@ -51,6 +56,7 @@ pub fn run(args: LoadArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
         out,
         &summary,
         &digests,
+        crate::data_path::DataPathTotals::of(&devices),
         format!(
             "loaded {} device(s) from {} in {}",
             summary.devices.len(),

@@ -32,6 +32,7 @@ use crate::address::{
     RemoteAddress,
 };
 use crate::app::Context;
+use crate::data_path::{self, DataPathArg, DataPathTotals};
 use crate::exit::UsageError;
 use crate::progress::{describe_source, duration, run_engine, tagged_json_line, Output};
 
@@ -118,6 +119,9 @@ pub struct MigrateArgs {
     /// P2P DMA may change a peer already saved).
     #[arg(long)]
     pub allow_non_p2p: bool,
+    /// How device data travels.
+    #[command(flatten)]
+    pub data_path: DataPathArg,
     /// One JSON object per line on stdout: every event, then the summary.
     #[arg(long)]
     pub json: bool,
@@ -244,14 +248,34 @@ pub(crate) fn source_options(
     }
 }
 
-/// The destination engine's options from the command line.
-pub(crate) fn destination_options(allow_non_p2p: bool, events: EventSink) -> DestinationOptions {
+/// The destination engine's options from the command line, its buffers in `memory`.
+pub(crate) fn destination_options(
+    allow_non_p2p: bool,
+    events: EventSink,
+    buffer_memory: Option<std::sync::Arc<dyn vfio_mig_orchestrator::BufferMemory>>,
+) -> DestinationOptions {
     DestinationOptions {
         allow_non_p2p,
         events: Some(events),
         cancel: crate::interrupt::interrupt_token(),
+        buffer_memory,
         ..DestinationOptions::default()
     }
+}
+
+/// The destination engine's buffer memory: an arena shared with the servers of `devices`
+/// that offer it, sized for its pools of the largest chunks accepted.
+pub(crate) fn destination_buffers(
+    devices: &[OpenDevice],
+    path: DataPathArg,
+) -> anyhow::Result<Option<std::sync::Arc<dyn vfio_mig_orchestrator::BufferMemory>>> {
+    let defaults = DestinationOptions::default();
+    data_path::attach(
+        &data_path::clients_of(devices),
+        devices.len() * defaults.buffers_per_device,
+        defaults.max_chunk as usize,
+        path.data_path,
+    )
 }
 
 /// A failed migration as JSON.
@@ -322,6 +346,8 @@ struct DestinationOutput<'a> {
     summary: &'a vfio_mig_orchestrator::DestinationSummary,
     /// Digests of the membuf destinations after they started.
     destination_digests: &'a [DeviceDigest],
+    /// How the destination devices' data travelled.
+    data_path: DataPathTotals,
 }
 
 /// Prints a destination's result: one `summary` JSON line, or `headline` then the summary
@@ -331,6 +357,7 @@ pub(crate) fn print_destination_result(
     out: &mut dyn Write,
     summary: &vfio_mig_orchestrator::DestinationSummary,
     digests: &[DeviceDigest],
+    data_path: DataPathTotals,
     headline: String,
     after: &str,
 ) -> anyhow::Result<()> {
@@ -341,12 +368,14 @@ pub(crate) fn print_destination_result(
             &DestinationOutput {
                 summary,
                 destination_digests: digests,
+                data_path,
             },
         )?;
     } else {
         let mut text = headline;
         text.push('\n');
         text.push_str(&crate::progress::describe_destination(summary));
+        text.push_str(&data_path.describe("destination"));
         text.push_str(&describe_digests(digests, after));
         out.write_all(text.as_bytes())?;
     }
@@ -410,6 +439,30 @@ struct LocalOutput<'a> {
     #[serde(flatten)]
     summary: &'a LocalSummary,
     digests: &'a [DigestCheck],
+    data_path: LocalDataPath,
+}
+
+/// How the data travelled on each side of a local migration.
+#[derive(serde::Serialize)]
+struct LocalDataPath {
+    source: DataPathTotals,
+    destination: DataPathTotals,
+}
+
+/// The source engine's buffer memory: an arena shared with the servers of `devices` that
+/// offer it, sized for the source's buffer pools.
+pub(crate) fn source_buffers<'a>(
+    devices: impl IntoIterator<Item = &'a OpenDevice>,
+    source_devices: usize,
+    path: DataPathArg,
+) -> anyhow::Result<Option<std::sync::Arc<dyn vfio_mig_orchestrator::BufferMemory>>> {
+    let defaults = SourceOptions::default();
+    data_path::attach(
+        &data_path::clients_of(devices),
+        source_devices * defaults.buffers_per_device,
+        defaults.chunk_size as usize,
+        path.data_path,
+    )
 }
 
 /// The summary of a migration to a receiver, as JSON.
@@ -419,6 +472,8 @@ struct RemoteOutput<'a> {
     summary: &'a vfio_mig_orchestrator::SourceSummary,
     /// Digests of the membuf sources after the migration (frozen in STOP).
     source_digests: &'a [DeviceDigest],
+    /// How the source devices' data travelled.
+    data_path: DataPathTotals,
 }
 
 /// Runs `migrate`.
@@ -447,9 +502,15 @@ fn run_local(
         .collect();
     let src_named: Vec<NamedDevice> = sources.iter().map(OpenDevice::named).collect();
     let dst_named: Vec<NamedDevice> = dests.iter().map(OpenDevice::named).collect();
+    // One arena for both sides: the destination takes its chunks in the source's buffers.
+    let memory = source_buffers(sources.iter().chain(&dests), sources.len(), args.data_path)?;
     let result = run_engine(output, Side::Source, out, |sink| {
-        let sopts = source_options(&args.tuning, args.allow_non_p2p, sink.clone());
-        let dopts = destination_options(args.allow_non_p2p, sink);
+        let sopts = SourceOptions {
+            buffer_memory: memory,
+            ..source_options(&args.tuning, args.allow_non_p2p, sink.clone())
+        };
+        // migrate_local ignores the destination's buffer memory: the source's buffers cross.
+        let dopts = destination_options(args.allow_non_p2p, sink, None);
         migrate_local(&src_named, &dst_named, &sopts, &dopts)
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
@@ -480,6 +541,10 @@ fn run_local(
             &LocalOutput {
                 summary: &summary,
                 digests: &checks,
+                data_path: LocalDataPath {
+                    source: DataPathTotals::of(&sources),
+                    destination: DataPathTotals::of(&dests),
+                },
             },
         )?;
     } else {
@@ -499,6 +564,8 @@ fn run_local(
         for w in &summary.destination.warnings {
             let _ = writeln!(text, "  warning: destination: {w}");
         }
+        text.push_str(&DataPathTotals::of(&sources).describe("source"));
+        text.push_str(&DataPathTotals::of(&dests).describe("destination"));
         for c in &checks {
             let _ = write!(
                 text,
@@ -551,8 +618,12 @@ fn run_remote(
     let membuf: Vec<bool> = sources.iter().map(OpenDevice::is_membuf).collect();
     let named: Vec<NamedDevice> = sources.iter().map(OpenDevice::named).collect();
     let transport = Transport::connect(&to.0).with_context(|| format!("cannot connect to {to}"))?;
+    let memory = source_buffers(&sources, sources.len(), args.data_path)?;
     let result = run_engine(output, Side::Source, out, |sink| {
-        let opts = source_options(&args.tuning, args.allow_non_p2p, sink);
+        let opts = SourceOptions {
+            buffer_memory: memory,
+            ..source_options(&args.tuning, args.allow_non_p2p, sink)
+        };
         migrate_out(&named, transport, &opts)
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
@@ -580,6 +651,7 @@ fn run_remote(
             &RemoteOutput {
                 summary: &summary,
                 source_digests: &digests,
+                data_path: DataPathTotals::of(&sources),
             },
         )?;
     } else {
@@ -589,6 +661,7 @@ fn run_remote(
             duration(summary.total)
         );
         text.push_str(&describe_source(&summary, None));
+        text.push_str(&DataPathTotals::of(&sources).describe("source"));
         text.push_str(&describe_digests(
             &digests,
             "after stop (compare with the destination's from `vfio-mig receive`)",

@@ -17,7 +17,8 @@ use vfio_mig_orchestrator::{migrate_in, Listener, NamedDevice, Side};
 use crate::address::{open_all, DeviceAddress, OpenDevice, RemoteAddress};
 use crate::app::Context;
 use crate::commands::migrate::{
-    destination_options, membuf_digests, migration_failed, print_destination_result,
+    destination_buffers, destination_options, membuf_digests, migration_failed,
+    print_destination_result,
 };
 use crate::progress::{duration, run_engine, tagged_json_line, Output};
 
@@ -33,6 +34,9 @@ pub struct ReceiveArgs {
     /// Accept several devices even if some lack P2P.
     #[arg(long)]
     pub allow_non_p2p: bool,
+    /// How device data travels.
+    #[command(flatten)]
+    pub data_path: crate::data_path::DataPathArg,
     /// One JSON object per line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -69,11 +73,12 @@ pub fn run(args: ReceiveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Re
     let transport = listener
         .accept()
         .with_context(|| format!("accepting a connection on {bound} failed"))?;
+    let memory = destination_buffers(&devices, args.data_path)?;
     let result = run_engine(output, Side::Destination, out, |sink| {
         migrate_in(
             &named,
             transport,
-            &destination_options(args.allow_non_p2p, sink),
+            &destination_options(args.allow_non_p2p, sink, memory),
         )
     })?;
     let summary = result.map_err(|e| migration_failed(e, output, out))?;
@@ -83,6 +88,7 @@ pub fn run(args: ReceiveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Re
         out,
         &summary,
         &digests,
+        crate::data_path::DataPathTotals::of(&devices),
         format!(
             "received {} device(s) from {} in {}",
             summary.devices.len(),

@@ -10,7 +10,10 @@ use vfio_mig_orchestrator::{save, NamedDevice, Side, SourceOptions, SourceSummar
 
 use crate::address::{open_all, AnyAddress, DeviceAddress, FileAddress, OpenDevice};
 use crate::app::Context;
-use crate::commands::migrate::{describe_digests, membuf_digests, migration_failed, DeviceDigest};
+use crate::commands::migrate::{
+    describe_digests, membuf_digests, migration_failed, source_buffers, DeviceDigest,
+};
+use crate::data_path::DataPathTotals;
 use crate::exit::UsageError;
 use crate::progress::{describe_source, duration, run_engine, tagged_json_line, Output};
 use vfio_mig_orchestrator::Address as TransportAddress;
@@ -25,6 +28,9 @@ pub struct SaveArgs {
     /// Save several devices together even if some lack P2P.
     #[arg(long)]
     pub allow_non_p2p: bool,
+    /// How device data travels.
+    #[command(flatten)]
+    pub data_path: crate::data_path::DataPathArg,
     /// One JSON object per line on stdout: every event, then the summary.
     #[arg(long)]
     pub json: bool,
@@ -37,6 +43,8 @@ struct SaveOutput<'a> {
     file: String,
     /// Digests of the membuf devices' saved (and kept) state.
     source_digests: &'a [DeviceDigest],
+    /// How the devices' data travelled.
+    data_path: DataPathTotals,
 }
 
 /// Splits `DEVICE... file:PATH`.
@@ -67,11 +75,13 @@ pub fn run(args: SaveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
     let (addresses, file) = split(&args.addresses)?;
     let devices = open_all(&addresses)?;
     let named: Vec<NamedDevice> = devices.iter().map(OpenDevice::named).collect();
+    let memory = source_buffers(&devices, devices.len(), args.data_path)?;
     let result = run_engine(output, Side::Source, out, |sink| {
         // save() moves the whole state in stop-copy, whatever the precopy options say.
         let opts = SourceOptions {
             allow_non_p2p: args.allow_non_p2p,
             events: Some(sink),
+            buffer_memory: memory,
             ..SourceOptions::default()
         };
         save(&named, &file.0, &opts)
@@ -86,6 +96,7 @@ pub fn run(args: SaveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
                 summary: &summary,
                 file: file.to_string(),
                 source_digests: &digests,
+                data_path: DataPathTotals::of(&devices),
             },
         )?;
     } else {
@@ -95,6 +106,7 @@ pub fn run(args: SaveArgs, _ctx: &Context, out: &mut dyn Write) -> anyhow::Resul
             duration(summary.total)
         );
         text.push_str(&describe_source(&summary, None));
+        text.push_str(&DataPathTotals::of(&devices).describe("source"));
         text.push_str(&describe_digests(&digests, "as saved"));
         text.push_str(
             "  the devices stay stopped with their state; `vfio-mig state DEVICE running` \
