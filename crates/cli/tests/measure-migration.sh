@@ -6,7 +6,8 @@
 #   cargo build --release -p vfio-mig --bin vfio-mig --example raw_socket_copy
 #   crates/cli/tests/measure-migration.sh [SIZE] [DIRTY_RATE] [DOWNTIME_LIMIT_MS] [RUNS]
 #
-# Defaults: 1G 32M 50 3. The destination is still (dirty-rate=0) so that its digest can be
+# Defaults: 1G 32M 50 3. Extra `migrate` options come from MIGRATE_ARGS (for example
+# MIGRATE_ARGS="--data-path messages" for the message data path). The destination is still (dirty-rate=0) so that its digest can be
 # compared with the stopped source's afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -27,7 +28,8 @@ for run in $(seq "$RUNS"); do
   PIDS=("$A" "$B")
   while [ ! -S "$DIR/a.sock" ] || [ ! -S "$DIR/b.sock" ]; do sleep 0.05; done
   a0=$(cpu "$A") b0=$(cpu "$B")
-  /usr/bin/time -v "$BIN" migrate --downtime-limit "$LIMIT" --json \
+  # shellcheck disable=SC2086 # MIGRATE_ARGS is split on purpose
+  /usr/bin/time -v "$BIN" migrate --downtime-limit "$LIMIT" --json ${MIGRATE_ARGS:-} \
     "vfio-user:$DIR/a.sock" "vfio-user:$DIR/b.sock" >"$DIR/migrate.json" 2>"$DIR/time.txt"
   a1=$(cpu "$A") b1=$(cpu "$B") tck=$(getconf CLK_TCK)
   src=$(digest "$DIR/a.sock") dst=$(digest "$DIR/b.sock")
@@ -42,7 +44,11 @@ print("migrate: total %.0f ms, precopy %d round(s) %.1f MiB in %.0f ms, stop-cop
       " downtime %.1f ms, %.0f MiB/s, destination validation %.1f ms"
       % (src["total_ms"], src["precopy_rounds"], pre / 2**20, src["precopy_ms"], sc / 2**20,
          src["stop_copy_ms"], src["downtime"]["ms"], src["throughput_bps"] / 2**20,
-         dst["validation_ms"]))'
+         dst["validation_ms"]))
+p = s["data_path"]
+print("  data path: %.1f MiB shared, %.1f MiB in messages (source + destination)"
+      % ((p["source"]["shared_bytes"] + p["destination"]["shared_bytes"]) / 2**20,
+         (p["source"]["message_bytes"] + p["destination"]["message_bytes"]) / 2**20))'
   awk -v r="$rss" -v o="$orch_cpu" -v a=$(((a1 - a0))) -v b=$(((b1 - b0))) -v t="$tck" 'BEGIN {
     printf "  orchestrator peak RSS %.1f MiB, CPU %.2f s; servers CPU %.2f s + %.2f s\n",
       r / 1024, o, a / t, b / t }'
