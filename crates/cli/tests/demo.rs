@@ -134,6 +134,15 @@ fn demo_json_is_events_then_a_summary() {
         .unwrap();
     assert!(pre_copy >= 4 << 20, "{migration}");
     assert!(migration["throughput_bps"].as_f64().unwrap() > 0.0);
+    // Both servers offer the shared data buffer: no byte of state went in a message.
+    for side in ["source", "destination"] {
+        let path = &summary["data_path"][side];
+        assert!(
+            path["shared_bytes"].as_u64().unwrap() >= 4 << 20,
+            "{side}: {path}"
+        );
+        assert_eq!(path["message_bytes"], 0, "{side}: {path}");
+    }
 }
 
 #[test]
@@ -175,6 +184,20 @@ fn demo_verifies_every_feature_set() {
 fn demo_with_a_still_source_verifies_too() {
     let (stdout, _) = demo_ok(&["--size", "1M", "--dirty-rate", "0"]);
     assert!(stdout.contains("\nverified"), "{stdout}");
+    assert!(
+        stdout.contains("through shared memory, 0 B in messages"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_over_messages_verifies_too() {
+    let (stdout, _) = demo_ok(&["--size", "1M", "--data-path", "messages"]);
+    assert!(stdout.contains("\nverified"), "{stdout}");
+    assert!(
+        stdout.contains("data path           0 B through shared memory"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -17,6 +17,78 @@ fn hex(digest: u64) -> String {
     format!("{digest:#018x}")
 }
 
+/// Every byte between the servers and the command went through shared memory.
+#[track_caller]
+fn assert_all_shared(totals: &Value, what: &str) {
+    assert!(
+        totals["shared_bytes"].as_u64().unwrap() > 0,
+        "{what}: {totals}"
+    );
+    assert_eq!(totals["message_bytes"], 0, "{what}: {totals}");
+}
+
+#[test]
+fn vfio_mig_servers_exchange_the_state_through_shared_memory_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Served::start(dir.path(), "s", "membuf:size=4M,dirty-rate=8M,seed=3");
+    let dst = Served::start(dir.path(), "d", "membuf:size=4M,seed=4");
+    let summary = ok(&["migrate", &src.address(), &dst.address(), "--json"]).summary();
+    assert_eq!(summary["digests"][0]["verdict"], "verified");
+    let path = &summary["data_path"];
+    assert_all_shared(&path["source"], "source");
+    assert_all_shared(&path["destination"], "destination");
+    // Every byte the source read, the destination wrote: nothing else crossed.
+    assert_eq!(
+        path["source"]["shared_bytes"],
+        path["destination"]["shared_bytes"]
+    );
+    let streamed: u64 = summary["source"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["pre_copy"]["bytes"].as_u64().unwrap() + d["stop_copy"]["bytes"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(path["source"]["shared_bytes"].as_u64().unwrap(), streamed);
+
+    // Back and forth: the destination, now running, migrates home by messages.
+    ok(&["state", &src.address(), "running"]);
+    let run = ok(&[
+        "migrate",
+        &dst.address(),
+        &src.address(),
+        "--data-path",
+        "messages",
+    ]);
+    // (The old source dirties its state again once it runs: its digest moves on.)
+    assert!(
+        run.stdout.contains("migrated 1 device(s)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("data path (source): 0 B through shared memory, 4.0 MiB in messages"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("data path (destination): 0 B through shared memory"),
+        "{}",
+        run.stdout
+    );
+    let bad = vfio_mig(&[
+        "migrate",
+        &src.address(),
+        &dst.address(),
+        "--data-path",
+        "pipes",
+    ]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+}
+
 #[test]
 fn migrates_and_verifies_under_every_feature_set() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,6 +321,7 @@ fn save_inspect_load_round_trip() {
     .summary();
     assert_eq!(saved["file"], file.as_str());
     assert_eq!(saved["source_state"], "stop");
+    assert_all_shared(&saved["data_path"], "save");
     let saved_digest = saved["source_digests"][0]["digest"]
         .as_str()
         .unwrap()
@@ -287,6 +360,7 @@ fn save_inspect_load_round_trip() {
         loaded["destination_digests"][0]["digest"],
         saved_digest.as_str()
     );
+    assert_all_shared(&loaded["data_path"], "load");
     assert_eq!(
         dst.look(),
         (
@@ -408,6 +482,7 @@ fn receive_in_one_process_and_migrate_over_tcp_from_another() {
     let sent = run.summary();
     assert_eq!(sent["downtime"]["clock"], "ack-receipt");
     assert_eq!(sent["source_state"], "stop");
+    assert_all_shared(&sent["data_path"], "migrate to tcp");
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -423,6 +498,7 @@ fn receive_in_one_process_and_migrate_over_tcp_from_another() {
     let received: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
     assert_eq!(received["event"], "summary");
     assert_eq!(received["devices"].as_array().unwrap().len(), 2);
+    assert_all_shared(&received["data_path"], "receive");
 
     // The digests the two processes printed agree, and are the devices' own.
     for i in 0..2 {
