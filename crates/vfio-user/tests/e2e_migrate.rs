@@ -14,14 +14,7 @@ use vfio_mig_vfio_user::client::ClientOptions;
 
 const MIB: u64 = 1 << 20;
 
-fn config(size: u64, dirty_rate: u64, seed: u64) -> MembufConfig {
-    MembufConfig {
-        size,
-        dirty_rate,
-        seed,
-        ..MembufConfig::default()
-    }
-}
+use server_support::membuf_config as config;
 
 #[test]
 fn live_migration_of_a_changing_membuf_through_two_servers() {

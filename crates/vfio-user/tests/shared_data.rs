@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustix::fs::{memfd_create, MemfdFlags, SealFlags};
 use server_support::*;
 use vfio_mig_device::{write_all, DeviceState, MigrationDevice, ReadOutcome};
-use vfio_mig_devices::membuf::{self, MembufConfig};
+use vfio_mig_devices::membuf;
 use vfio_mig_uapi::{Errno, MigrationFeatures};
 use vfio_mig_vfio_user::client::{ClientOptions, DataArena, DataCounters};
 use vfio_mig_vfio_user::codec::{FeatureData, Request, FEATURE_PROBE, FEATURE_SET};
@@ -55,13 +55,18 @@ fn register(s: &mut ServerSession<'_>, size: u64, fds: Vec<OwnedFd>) -> Vec<u8> 
     call_fds(s, set(FEATURE_DATA_BUFFER, FeatureData::Raw(&reg)), fds)
 }
 
-fn shared_read(s: &mut ServerSession<'_>, offset: u64, size: u32) -> Vec<u8> {
-    let t = SharedTransfer {
+/// A transfer request's data.
+fn transfer(offset: u64, size: u32) -> [u8; 16] {
+    SharedTransfer {
         offset,
         size,
         count: 0,
     }
-    .encode();
+    .encode()
+}
+
+fn shared_read(s: &mut ServerSession<'_>, offset: u64, size: u32) -> Vec<u8> {
+    let t = transfer(offset, size);
     let mut req = get(FEATURE_DATA_READ_SHARED, 16);
     if let Request::DeviceFeature(f) = &mut req {
         f.data = FeatureData::Raw(&t);
@@ -73,12 +78,7 @@ fn shared_read(s: &mut ServerSession<'_>, offset: u64, size: u32) -> Vec<u8> {
 }
 
 fn shared_write(s: &mut ServerSession<'_>, offset: u64, size: u32) -> Vec<u8> {
-    let t = SharedTransfer {
-        offset,
-        size,
-        count: 0,
-    }
-    .encode();
+    let t = transfer(offset, size);
     call(s, set(FEATURE_DATA_WRITE_SHARED, FeatureData::Raw(&t)))
 }
 
@@ -177,12 +177,7 @@ fn the_server_checks_every_field() {
     let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
     assert_errno(&register(&mut s, 4096, vec![pipe_r]), Errno::EINVAL);
     // fds on any other feature are refused.
-    let t = SharedTransfer {
-        offset: 0,
-        size: 1,
-        count: 0,
-    }
-    .encode();
+    let t = transfer(0, 1);
     assert_errno(
         &call_fds(
             &mut s,
@@ -275,20 +270,11 @@ fn a_client_shrinking_an_unsealed_buffer_gets_efault_not_sigbus() {
     assert_errno(&shared_write(&mut s, 8192, 4096), Errno::EFAULT);
 }
 
-fn config(size: u64, dirty_rate: u64, seed: u64) -> MembufConfig {
-    MembufConfig {
-        size,
-        dirty_rate,
-        seed,
-        ..MembufConfig::default()
-    }
-}
-
 #[test]
 fn a_live_migration_through_one_arena_sends_no_data_in_messages() {
     let size = 8 * MIB;
-    let src = Served::membuf(config(size, 16 * MIB, 7));
-    let dst = Served::membuf(config(size, 0, 8));
+    let src = Served::membuf(membuf_config(size, 16 * MIB, 7));
+    let dst = Served::membuf(membuf_config(size, 0, 8));
     assert!(src.remote.client().negotiated().shared_data());
     let arena = DataArena::new(2 * MIB as usize).unwrap();
     assert!(src.remote.client().attach_data_arena(&arena).unwrap());
@@ -407,8 +393,8 @@ fn without_the_extension_attach_is_declined_and_arena_buffers_go_by_message() {
         ..ClientOptions::default()
     };
     let size = 2 * MIB;
-    let src = Served::membuf_with(config(size, 0, 1), options);
-    let dst = Served::membuf(config(size, 0, 2));
+    let src = Served::membuf_with(membuf_config(size, 0, 1), options);
+    let dst = Served::membuf(membuf_config(size, 0, 2));
     assert!(!src.remote.client().negotiated().shared_data());
     let arena = DataArena::new(MIB as usize).unwrap();
     assert!(!src.remote.client().attach_data_arena(&arena).unwrap());

@@ -27,6 +27,16 @@ pub fn membuf(size: u64, features: MigrationFeatures, seed: u64) -> (Membuf, Hos
     })
 }
 
+/// A membuf config of `size` bytes changing at `dirty_rate` bytes/s, from `seed`.
+pub fn membuf_config(size: u64, dirty_rate: u64, seed: u64) -> MembufConfig {
+    MembufConfig {
+        size,
+        dirty_rate,
+        seed,
+        ..MembufConfig::default()
+    }
+}
+
 /// A membuf from a full config, and the handles to host it.
 pub fn membuf_with(config: MembufConfig) -> (Membuf, HostedDevice) {
     let logging = config.dma_logging;
