@@ -12,6 +12,10 @@
 //! * [`RemoteDevice`] implements [`MigrationDevice`] over a shared [`Client`];
 //!   [`RemoteStream`] carries a data session over MIG_DATA_READ / MIG_DATA_WRITE, reading
 //!   straight into the caller's buffer and writing straight from it.
+//! * [`DataArena`] is shared memory a client registers with a vfio-mig server
+//!   ([`Client::attach_data_arena`]): data streams then move chunks in its buffers without
+//!   putting them on the socket, and a client attached to two servers relays a device's
+//!   state between them without touching it.
 //!
 //! `Client` is `Send + Sync`: a mutex serialises request/reply pairs on the one connection.
 //! A transport failure (or a reply that does not belong to the request) leaves the byte

@@ -340,7 +340,9 @@ impl MigrationDevice for RemoteDevice {
 }
 
 /// A data session of a [`RemoteDevice`]: MIG_DATA_READ (saving) or MIG_DATA_WRITE
-/// (resuming), each chunk straight between the caller's buffer and the socket.
+/// (resuming), each chunk straight between the caller's buffer and the socket; or, for a
+/// buffer inside the [`DataArena`](super::DataArena) attached to the client, through that
+/// shared memory with the server (no byte on the socket).
 pub struct RemoteStream {
     client: Arc<Client>,
     tracking: Arc<Mutex<Tracking>>,
