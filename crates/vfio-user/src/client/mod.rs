@@ -735,6 +735,8 @@ impl Client {
         if matches!(wire.ahead.pending, Some(Outstanding::Read(..))) {
             self.drain_pipeline(&mut wire)?;
         }
+        // A shared transfer carries no data in the message: the only limit is the server's
+        // bounce buffer, sized by both sides' max_data_xfer_size (`max_read`).
         let shared_n = data.len().min(self.negotiated.max_read as usize);
         let shared = wire
             .arena

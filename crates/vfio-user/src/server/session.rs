@@ -1438,8 +1438,8 @@ impl<'h> ServerSession<'h> {
         let filled = self.read_device(t.size as usize)?;
         if let Some(region) = &self.shared {
             if let Err(errno) = region.write(t.offset, &self.data[..filled]) {
-                // The client shrank its file under us: the bytes read are lost with it.
-                self.host.deferred_read_error = None;
+                // The client shrank its file under us: the bytes read are lost with it (a
+                // device error deferred by the read still comes with the next one).
                 return Err(err(errno, format!("{WHAT}: the shared buffer is gone")));
             }
         }
